@@ -1,0 +1,13 @@
+"""pytest setup shared by every test file: the repo root on sys.path, and one CPU thread.
+
+One thread because CI and laptops share their few cores with other work: with torch's default of
+one OpenMP thread per core, a busy neighbour makes every small op wait for the slowest thread,
+and the tiny models in tests run 10-100x slower. Subprocesses inherit OMP_NUM_THREADS.
+"""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

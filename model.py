@@ -1,0 +1,386 @@
+"""Mamba language model (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces").
+
+Symbols (the paper's, used in names, docstrings and shapes below; shapes in einops notation)
+  b        batch size                         l        sequence length
+  d_model  width of the residual stream       d_inner  width inside a mixer, expand * d_model (E * D in the paper)
+  n        state size per channel (d_state, N in the paper)
+  dt_rank  rank of the low-rank projection that produces Δ
+  u        input of the selective scan (the conv branch), (b, d_inner, l)
+  Δ (dt)   input-dependent step size, (b, d_inner, l): Δ = softplus(dt_proj(x_proj(u)) + dt_bias)
+  A        state matrix, diagonal, real and negative, (d_inner, n); stored as A_log = log(-A)
+  B, C     input-dependent input / output matrices, (b, n, l): "selection" = B, C, Δ depend on the token
+  D        skip connection, (d_inner,): y_t += D u_t
+  z        gate branch, (b, d_inner, l): y *= silu(z)
+  h        recurrent state, (b, d_inner, n):  h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,  y_t = C_t h_t + D u_t
+
+Parameter names follow the official checkpoints (mamba_ssm.models.mixer_seq_simple.MambaLMHeadModel), so the
+state_dict of an official Mamba loads as is: backbone.embedding, backbone.layers.N.{norm, mixer.{in_proj, conv1d,
+x_proj, dt_proj, A_log, D, out_proj}}, backbone.norm_f, lm_head.
+"""
+import math
+from dataclasses import MISSING, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update
+
+
+def _param(doc, default=MISSING):
+    """A dataclass field with a one-line description (main.py builds the config.ini schema from these)."""
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class MambaConfig:
+    """Hyperparameters; names and defaults follow the official `Mamba` block and `MambaLMHeadModel`."""
+    d_model: int = _param("width of the residual stream (D in the paper)")
+    n_layer: int = _param("number of Mamba blocks")
+    vocab_size: int = _param("number of token ids the tokenizer produces")
+    d_state: int = _param("SSM state size per channel (N in the paper)", 16)
+    d_conv: int = _param("kernel width of the causal depthwise convolution", 4)
+    expand: int = _param("expansion factor: d_inner = expand * d_model (E in the paper)", 2)
+    dt_rank: int | str = _param('rank of the projection producing Δ; "auto" means ceil(d_model / 16)', "auto")
+    dt_min: float = _param("smallest initial step size Δ (log-uniform in [dt_min, dt_max])", 0.001)
+    dt_max: float = _param("largest initial step size Δ", 0.1)
+    dt_init_floor: float = _param("initial Δ is clamped to at least this", 1e-4)
+    dt_scale: float = _param("dt_proj weights start uniform in +-dt_scale / sqrt(dt_rank)", 1.0)
+    conv_bias: bool = _param("whether conv1d has a bias", True)
+    bias: bool = _param("whether in_proj and out_proj have biases", False)
+    norm_eps: float = _param("epsilon of the RMSNorms", 1e-5)
+    pad_vocab_size_multiple: int = _param("embedding rows are padded up to a multiple of this", 8)
+    tie_embeddings: bool = _param("whether lm_head shares the embedding matrix", True)
+    scan: Literal["fast", "ref"] = _param('selective scan for whole sequences: "fast" (parallel) or "ref" (loop)',
+                                          "fast")
+    init_from: str = _param("a pretrained directory or hub name to start from: its weights, its architecture "
+                            "(every other [model] key but scan is ignored) and its tokenizer (replacing [data] "
+                            "tokenizer); empty: random weights", "")
+
+    def __post_init__(self):
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "pad_vocab_size_multiple"):
+            _require(name, getattr(self, name), _is_positive_int(getattr(self, name)), "a positive integer")
+        _require("dt_rank", self.dt_rank, self.dt_rank == "auto" or _is_positive_int(self.dt_rank),
+                 'a positive integer or "auto"')
+        for name in ("dt_min", "dt_max", "dt_scale", "norm_eps"):
+            _require(name, getattr(self, name), getattr(self, name) > 0, "a positive number")
+        _require("dt_max", self.dt_max, self.dt_max >= self.dt_min, f"at least dt_min = {self.dt_min}")
+        _require("dt_init_floor", self.dt_init_floor, self.dt_init_floor >= 0, "a number >= 0")
+        _require("scan", self.scan, self.scan in ("fast", "ref"), '"fast" or "ref"')
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def dt_rank_value(self) -> int:
+        return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else self.dt_rank
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """vocab_size rounded up to a multiple of pad_vocab_size_multiple: aligned matmul shapes run faster."""
+        m = self.pad_vocab_size_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+
+def _is_positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _require(name, value, ok, expected):
+    if not ok:
+        raise ValueError(f"MambaConfig.{name} must be {expected}, got {value!r}")
+
+
+def param_count(config: MambaConfig) -> int:
+    """Number of parameters of MambaLM(config), the tied embedding counted once."""
+    d, di, n, r, k = config.d_model, config.d_inner, config.d_state, config.dt_rank_value, config.d_conv
+    mixer = (d * 2 * di                  # in_proj
+             + di * k                    # conv1d (depthwise: one length-k filter per channel)
+             + di * (r + 2 * n)          # x_proj -> dt, B, C
+             + r * di + di               # dt_proj with its bias
+             + di * n + di               # A_log, D
+             + di * d)                   # out_proj
+    mixer += (2 * di + d) * config.bias + di * config.conv_bias
+    embedding = config.padded_vocab_size * d
+    lm_head = 0 if config.tie_embeddings else embedding
+    return embedding + config.n_layer * (d + mixer) + d + lm_head
+
+
+def _compute_dtype(dtype):
+    """float32, or float64 for a float64 model: the precision of norms, the residual stream and the SSM state."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim (Zhang & Sennrich 2019), computed in float32."""
+
+    def __init__(self, d, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        """x (..., d) -> (..., d) in the weight's dtype (the dtype the next Linear expects)."""
+        x = x.to(_compute_dtype(x.dtype))
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x.dtype)
+        return y.to(self.weight.dtype)
+
+
+class MambaMixer(nn.Module):
+    """The Mamba block of the paper's Figure 3 (official `mamba_simple.Mamba`), (b, l, d_model) -> (b, l, d_model):
+
+        x, z = in_proj(hidden)                       two branches, (b, d_inner, l) each
+        u = silu(causal_depthwise_conv1d(x))         local mixing along time
+        dt, B, C = x_proj(u);  Δ = softplus(dt_proj(dt))      the selection: Δ, B, C depend on the input
+        h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t;  y_t = C_t h_t + D u_t     (selective scan)
+        out = out_proj(y * silu(z))
+    """
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.d_inner, self.d_state, self.d_conv = config.d_inner, config.d_state, config.d_conv
+        self.dt_rank = config.dt_rank_value
+        self.scan = selective_scan_fn if config.scan == "fast" else selective_scan_ref
+        self.in_proj = nn.Linear(config.d_model, 2 * self.d_inner, bias=config.bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, config.d_conv, groups=self.d_inner,
+                                padding=config.d_conv - 1, bias=config.conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        # A is learnt as A_log = log(-A): A = -exp(A_log) stays negative whatever the optimiser does, so
+        # exp(Δ A) < 1 and the state decays instead of blowing up. Kept in float32 even in low-precision models.
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=config.bias)
+        self._init_weights(config)
+
+    @torch.no_grad()
+    def _init_weights(self, config):
+        """The official initialisation (conv1d keeps PyTorch's default, as there)."""
+        # Δ starts log-uniform in [dt_min, dt_max]: channels begin with a spread of time scales, from
+        # remembering long (small Δ) to following the current token (large Δ).
+        log_min, log_max = math.log(config.dt_min), math.log(config.dt_max)
+        dt = torch.exp(torch.rand(self.d_inner) * (log_max - log_min) + log_min).clamp(min=config.dt_init_floor)
+        # Δ = softplus(dt_proj(...) + bias), so the bias is softplus⁻¹(dt) = dt + log(1 - exp(-dt)): Δ ≈ dt at init.
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        bound = self.dt_rank ** -0.5 * config.dt_scale
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        # S4D-real: A = -(1, 2, ..., n) in every channel, a range of decay rates per channel.
+        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
+        nn.init.ones_(self.D)
+        for linear in (self.in_proj, self.out_proj):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+        # Each block adds its output to the residual stream, whose variance so grows with depth; scaling the
+        # last projection by 1/sqrt(n_layer) keeps it O(1) at init (GPT-2 recipe; official rescale_prenorm_residual).
+        nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
+        self.out_proj.weight /= math.sqrt(config.n_layer)
+
+    def _ssm_params(self, u):
+        """u (..., d_inner) -> dt (..., d_inner) without its bias, B and C (..., n), A (d_inner, n) float32."""
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # The bias is added inside the scan, in float32 together with the softplus, as the official kernel does.
+        dt = F.linear(dt, self.dt_proj.weight)
+        return dt, B, C, -torch.exp(self.A_log.float())
+
+    def forward(self, hidden, cache=None):
+        """hidden (b, l, d_model) -> (b, l, d_model). With cache = (conv_state, ssm_state) (prefill), leaves there
+        the last d_conv conv inputs (b, d_inner, d_conv) and the state after the last position h_l (b, d_inner, n)."""
+        l = hidden.shape[1]
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)             # (b, d_inner, l) each
+        if cache is not None:
+            conv_state, ssm_state = cache
+            # The window the next step's conv needs, left-padded with zeros when l < d_conv (F.pad crops otherwise).
+            conv_state.copy_(F.pad(x, (self.d_conv - l, 0)))
+        # padding = d_conv - 1 on both sides; the first l outputs only see the past: the conv is causal.
+        u = F.silu(self.conv1d(x)[..., :l])
+        dt, B, C, A = self._ssm_params(u.transpose(1, 2))                        # dt (b, l, d_inner), B, C (b, l, n)
+        y = self.scan(u, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
+                      delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=cache is not None)
+        if cache is not None:
+            y, last_state = y
+            ssm_state.copy_(last_state)
+        return self.out_proj(y.transpose(1, 2))
+
+    def step(self, hidden, conv_state, ssm_state):
+        """One token, hidden (b, d_model) -> (b, d_model): the recurrence h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,
+        constant cost per token. Updates conv_state (b, d_inner, d_conv) and ssm_state (b, d_inner, n) in place."""
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)                             # (b, d_inner) each
+        # Slide the window one step and append x: the conv's output for this token is the window · filter.
+        conv_state.copy_(torch.cat((conv_state[:, :, 1:], x.unsqueeze(-1)), dim=-1))
+        u = (conv_state * self.conv1d.weight[:, 0]).sum(-1)                     # weight (d_inner, 1, d_conv)
+        if self.conv1d.bias is not None:
+            u = u + self.conv1d.bias
+        u = F.silu(u)
+        dt, B, C, A = self._ssm_params(u)
+        new_state, y = selective_state_update(ssm_state, u, dt, A, B, C, self.D.float(), z=z,
+                                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        ssm_state.copy_(new_state)
+        return self.out_proj(y)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), the residual x in float32 (official residual_in_fp32)."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = MambaMixer(config)
+
+    def forward(self, x, cache=None):
+        """x (b, l, d_model) -> (b, l, d_model)."""
+        return x + self.mixer(self.norm(x), cache)
+
+    def step(self, x, conv_state, ssm_state):
+        """x (b, d_model) -> (b, d_model), one token."""
+        return x + self.mixer.step(self.norm(x), conv_state, ssm_state)
+
+
+class MambaBackbone(nn.Module):
+    """token ids -> embedding -> n_layer blocks -> final RMSNorm."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+
+    def _embed(self, ids):
+        # The residual stream is summed over all layers; keeping it in float32 (official residual_in_fp32) avoids
+        # rounding it at every layer when the weights or activations are bfloat16.
+        x = self.embedding(ids)
+        return x.to(_compute_dtype(x.dtype))
+
+    def forward(self, input_ids, cache=None):
+        """input_ids (b, l) -> hidden (b, l, d_model); with a cache (list per layer), fills it (prefill)."""
+        x = self._embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, None if cache is None else cache[i])
+        return self.norm_f(x)
+
+    def step(self, token_ids, cache):
+        """token_ids (b,) -> hidden (b, d_model), advancing every layer's cache by one token."""
+        x = self._embed(token_ids)
+        for layer, (conv_state, ssm_state) in zip(self.layers, cache):
+            x = layer.step(x, conv_state, ssm_state)
+        return self.norm_f(x)
+
+
+class MambaLM(nn.Module):
+    """Mamba language model: backbone then lm_head. Logits cover padded_vocab_size ids; the padding ids are never
+    targets (training pushes them down) and never sampled."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = MambaBackbone(config)
+        # Untied, lm_head keeps PyTorch's default Linear init, as in the official model.
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    def forward(self, input_ids):
+        """input_ids (b, l) int64 -> logits (b, l, padded_vocab_size)."""
+        return self.lm_head(self.backbone(input_ids))
+
+    @classmethod
+    def from_pretrained(cls, path) -> "MambaLM":
+        """A published Mamba (original or Hugging Face layout) from a directory or a hub name: pretrained.py."""
+        from pretrained import load_pretrained  # the loader is not architecture: it lives in its own file
+        return load_pretrained(path)
+
+    def save_pretrained(self, directory):
+        """config.json + model.safetensors that transformers.MambaForCausalLM.from_pretrained reads: pretrained.py."""
+        from pretrained import save_pretrained
+        return save_pretrained(self, directory)
+
+    def num_params(self) -> int:
+        """Number of parameters, the tied embedding counted once (parameters() yields a shared tensor once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def optim_groups(self, weight_decay):
+        """AdamW parameter groups: weight decay on the mixers' Linear weight matrices (in_proj, x_proj, dt_proj,
+        out_proj) only. Not on A_log and D (official _no_weight_decay: decay would pull A towards -1 and the skip
+        towards 0), biases and norm gains (scales/offsets, not interactions), the conv filters (d_conv numbers per
+        channel, a gain more than a matrix), nor the embedding / lm_head (a lookup table: a row gets gradient only
+        when its token occurs, while decay would shrink rare tokens' rows at every step)."""
+        decayed = ("in_proj.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight")
+        named = list(self.named_parameters())  # shared tensors appear once, under their first name
+        return [{"params": [p for name, p in named if name.endswith(decayed)], "weight_decay": weight_decay},
+                {"params": [p for name, p in named if not name.endswith(decayed)], "weight_decay": 0.0}]
+
+    # ---- recurrent inference: O(1) work and memory per new token -------------------------------------------
+
+    def allocate_cache(self, batch_size, device=None, dtype=None):
+        """Zero states, one (conv_state (b, d_inner, d_conv), ssm_state (b, d_inner, n)) per layer. conv_state is in
+        dtype (default: the model's); ssm_state in at least float32, since it accumulates over every token."""
+        device = self.lm_head.weight.device if device is None else device
+        dtype = self.lm_head.weight.dtype if dtype is None else dtype
+        c = self.config
+        return [(torch.zeros(batch_size, c.d_inner, c.d_conv, device=device, dtype=dtype),
+                 torch.zeros(batch_size, c.d_inner, c.d_state, device=device, dtype=_compute_dtype(dtype)))
+                for _ in range(c.n_layer)]
+
+    @torch.inference_mode()
+    def prefill(self, input_ids, cache):
+        """Runs the (parallel) scan over the prompt input_ids (b, l), l >= 1, starting from an empty state whatever
+        the cache holds; fills the cache and returns the logits of the last position (b, padded_vocab_size)."""
+        if input_ids.shape[1] == 0:
+            raise ValueError("prefill needs at least one token; for an empty prompt, step from a fresh cache")
+        return self.lm_head(self.backbone(input_ids, cache)[:, -1])
+
+    @torch.inference_mode()
+    def step(self, token_ids, cache):
+        """token_ids (b,) -> logits (b, padded_vocab_size) of the next token; updates the cache in place."""
+        return self.lm_head(self.backbone.step(token_ids, cache))
+
+    @torch.inference_mode()
+    def stream(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Yields max_new_tokens next-token ids (b,), one at a time, continuing input_ids (b, l), l >= 1."""
+        _check_sampling(temperature, top_k, top_p)
+        if max_new_tokens <= 0:
+            return
+        cache = self.allocate_cache(input_ids.shape[0], device=input_ids.device)
+        logits = self.prefill(input_ids, cache)
+        for i in range(max_new_tokens):
+            token = sample_next_token(logits[:, :self.config.vocab_size], temperature, top_k, top_p, generator)
+            yield token
+            if i + 1 < max_new_tokens:
+                logits = self.step(token, cache)
+
+    @torch.inference_mode()
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """input_ids (b, l) -> (b, l + max_new_tokens): the prompt followed by the tokens of stream()."""
+        new = self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, generator)
+        return torch.cat([input_ids, *(token[:, None] for token in new)], dim=1)
+
+
+def _check_sampling(temperature, top_k, top_p):
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if top_k is not None and not top_k >= 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (b, v) -> token ids (b,). temperature 0 is greedy (argmax); top_k keeps the k most likely ids;
+    top_p keeps the smallest set of most likely ids whose probability reaches top_p (nucleus sampling)."""
+    _check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop an id once the more likely ones already reach top_p; the most likely id is always kept.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

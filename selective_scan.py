@@ -1,0 +1,278 @@
+"""The selective scan: the recurrence at the heart of Mamba (paper section 3.2, Algorithm 2).
+
+For every channel d and state index n, with the input u_t, step size Δ_t and the
+input-dependent B_t, C_t (shapes in einops notation; b batch, d channels, n state size, l length):
+
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t          h: (b, d, n)     (state update)
+    y_t = <C_t, h_t> + D u_t                        y: (b, d, l)     (readout)
+    y_t = y_t * silu(z_t)                           when a gate z is given
+
+Discretisation. The continuous system h'(t) = A h(t) + B u(t) is sampled with step Δ.
+A is discretised exactly (zero-order hold): Abar = exp(Δ A), so a negative A always gives a
+decay factor in (0, 1] and the state can never blow up, however large Δ gets. B uses the
+simpler Euler rule Bbar = Δ B instead of ZOH's (Δ A)^-1 (exp(Δ A) - 1) Δ B: the two agree to
+first order in Δ A, the paper (section 3.4) notes the difference is immaterial in practice,
+and Euler needs no division by A, which is what the official kernels compute too.
+
+Three entry points, all with the official `mamba_ssm` signatures:
+    selective_scan_ref      the plain sequential loop: the readable definition.
+    selective_scan_fn       the fast path used for training and prompts (same results).
+    selective_state_update  one timestep, for constant-time-per-token generation.
+
+How the fast path works, and why this algorithm. (Measured by bench/bench_scan.py, figures in
+the README.) The recurrence is cheap per element but has l sequential steps, and eager PyTorch
+pays a fixed cost (microseconds) per operation, so a loop over l is slow when b*d is small and
+a log-depth parallel scan (Blelloch, Hillis-Steele, mambapy's pscan) moves the full
+(b, d, n, l) tensor through memory log2(l) times and stores several copies for backward.
+We use a two-level chunked scan. The sequence is cut into nc chunks of T steps, and:
+  1. every chunk is scanned from a zero state, all chunks at once (a loop of T steps over
+     (b, nc, d, n) slabs), to find where each chunk's state would end;
+  2. a loop over the nc chunks chains those ends: start_{c+1} = exp(A ΣΔ_c) start_c + end_c;
+  3. every chunk is scanned again from its true starting state, emitting y_t.
+Only multiplications by exp(Δ A) <= 1 appear, exactly as in the sequential loop, so nothing
+overflows for any Δ >= 0 and A < 0 (unlike closed forms that divide by a cumulative product
+or take cumsum of exp). Python iterations: about 2T + nc instead of l.
+Backward is a custom autograd function, not autograd through the loop (which would store a
+(b, d, n) tensor for every step and two per operation). It recomputes the states from the
+saved chunk starts (one (b, d, n, l) tensor: the only full-size allocation), then runs the same
+two-level scan backwards in time for the adjoint λ_t = C_t g_t + exp(Δ_{t+1} A) λ_{t+1}.
+Cost: about 2x the loop's element work forward and 3x backward, no python loop over l, and
+peak memory of one (b, d, n, l) float32 tensor plus O(b d l) for forward + backward.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
+    """Cast to the compute dtype (float32, float64 stays float64) and make Δ = softplus(Δ + bias)."""
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[..., None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return u, delta, A, B, C
+
+
+def _finish(y, u, D, z, out_dtype):
+    """y + D u (the skip connection), gated by silu(z), cast back to the input dtype."""
+    if D is not None:
+        y = y + u * D.to(y.dtype)[..., None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(out_dtype)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The sequential definition: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, y_t = <C_t, h_t> + D u_t.
+
+    u, delta, z: (b, d, l); A: (d, n), negative; B, C: (d, n) (time-invariant, S4-like) or
+    (b, n, l) (selective); D, delta_bias: (d,). Returns y (b, d, l) in u's dtype, and with
+    return_last_state also h_l (b, d, n) in the compute dtype.
+    """
+    out_dtype = u.dtype
+    u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    b, d, l = u.shape
+    # unbind gives every step a view whose gradients autograd gathers in one stack; indexing
+    # x[:, :, t] instead would allocate a full-size gradient per step (quadratic backward).
+    steps = zip(delta.unbind(-1), u.unbind(-1),
+                [B] * l if B.dim() == 2 else B[:, None].unbind(-1),
+                [C] * l if C.dim() == 2 else C[:, None].unbind(-1))
+    h = u.new_zeros(b, d, A.shape[1])
+    ys = []
+    for delta_t, u_t, B_t, C_t in steps:
+        h = torch.exp(delta_t[..., None] * A) * h + (delta_t * u_t)[..., None] * B_t
+        ys.append((h * C_t).sum(-1))
+    y = _finish(torch.stack(ys, dim=-1), u, D, z, out_dtype)
+    return (y, h) if return_last_state else y
+
+
+def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                           delta_softplus=False):
+    """One step of the recurrence, for generation: exactly one iteration of selective_scan_ref.
+
+    state: (b, d, n); u, delta, z: (b, d); B, C: (b, n) as in the official kernel, or (1, d, n)
+    for a time-invariant (d, n) matrix. Returns (new state (b, d, n) in state's dtype, y (b, d)
+    in u's dtype).
+    """
+    out_dtype = u.dtype
+    u, delta, A, B, C = _prepare(u[..., None], delta[..., None], A, B, C, delta_bias, delta_softplus)
+    u, delta = u[..., 0], delta[..., 0]
+    B_t = B[:, None] if B.dim() == 2 else B
+    C_t = C[:, None] if C.dim() == 2 else C
+    h = torch.exp(delta[..., None] * A) * state.to(u.dtype) + (delta * u)[..., None] * B_t
+    y = _finish((h * C_t).sum(-1)[..., None], u[..., None], D, None if z is None else z[..., None],
+                out_dtype)
+    return h.to(state.dtype), y[..., 0]
+
+
+# ----------------------------------------------------------------------------- the fast path
+# Inside the fast path a state slab is laid out (b, nc, n, d): channels innermost, so the sums
+# over n (readout) and over d (gradients of B and C) both run over contiguous memory.
+
+def _chunk_len(l, slab):
+    """Steps per chunk T, given slab = b*n*d elements per chunk and step.
+
+    Enough chunks in parallel that one step works on ~2^18 elements (1 MiB: the slab stays in a
+    core's L2 cache through the step's few operations), but no more than sqrt(l) of them, since
+    level two loops over the chunks. Large b*d gets a single chunk: a plain sequential scan.
+    """
+    nc = max(1, min(2 ** 18 // slab, math.isqrt(l)))
+    return -(-l // nc)
+
+
+def _to_chunks(x, T):
+    """(b, k, l) -> (T, b, nc, k), zero-padded to nc*T steps: step t of every chunk is one slab.
+
+    Padded steps have Δ = 0 and u = 0, so exp(Δ A) = 1 and no input: the state passes through
+    unchanged and the final state is still h_l. Works through the (b, l, k) view, so that a
+    (b, k, l) tensor which is a transposed view of a contiguous (b, l, k) one (as the model
+    passes Δ, B and C) is copied by whole rows rather than element by element.
+    """
+    b, k, l = x.shape
+    nc = -(-l // T)
+    x = F.pad(x.transpose(1, 2), (0, 0, 0, nc * T - l))
+    return x.reshape(b, nc, T, k).permute(2, 0, 1, 3).contiguous()
+
+
+def _from_chunks(x, l):
+    """(T, b, nc, k) -> (b, k, l), the inverse of _to_chunks: a transposed view of a (b, l, k) tensor."""
+    T, b, nc, k = x.shape
+    return x.permute(1, 2, 0, 3).reshape(b, nc * T, k)[:, :l].transpose(1, 2)
+
+
+def _chunk_inputs(u, delta, B, C, T):
+    """Per-step slabs that broadcast against the state (b, nc, n, d)."""
+    def per_step(M):                               # -> (T, b, nc, n, 1) or (T, 1, 1, n, d)
+        return _to_chunks(M, T)[..., None] if M.dim() == 3 else M.t().expand(T, 1, 1, *M.t().shape)
+    return _to_chunks(u, T)[..., None, :], _to_chunks(delta, T)[..., None, :], per_step(B), per_step(C)
+
+
+def _sum_n(M, S, out):
+    """out = Σ_n M S, (b, nc, 1, d): S (b, nc, n, d); M (b, nc, n, 1) selective or (1, 1, n, d) fixed."""
+    if M.shape[-1] == 1:
+        torch.matmul(M.transpose(-1, -2), S, out=out)
+    else:
+        torch.sum(M * S, -2, keepdim=True, out=out)
+
+
+def _sum_d(S, v, out):
+    """out = Σ_d S v, shaped like B's or C's slab (b, nc, n, 1) or (1, 1, n, d); v (b, nc, 1, d)."""
+    if out.shape[-1] == 1:
+        torch.matmul(S, v.transpose(-1, -2), out=out)
+    else:
+        out.copy_((S * v).sum_to_size(out.shape))
+
+
+def _chain(entering, local, decay, carry, chunks):
+    """Level two of the scan: what enters chunk c+1 = decay_c * (what entered chunk c) + local_c.
+
+    local, decay: (b, nc, n, d), local being each chunk's result from a zero start; carry: what
+    enters the first chunk visited. chunks gives the order (reversed for the adjoint, which
+    runs backwards in time). Fills entering (b, nc, n, d); returns what leaves the last chunk.
+    """
+    for c in chunks:
+        entering[:, c] = carry
+        carry = torch.addcmul(local[:, c], decay[:, c], carry)
+    return carry
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """y = <C_t, h_t> with h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, by the two-level chunked scan.
+
+    Inputs already in the compute dtype, Δ already through softplus: u, delta (b, d, l);
+    A (d, n); B, C (b, n, l) or (d, n). Outputs y (b, d, l) and the last state (b, d, n).
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, keep):
+        b, d, l = u.shape
+        n = A.shape[1]
+        T = _chunk_len(l, b * n * d)
+        u, dt, Bs, Cs = _chunk_inputs(u, delta, B, C, T)    # u, dt: (T, b, nc, 1, d)
+        x = dt * u                                  # Euler's Δ_t u_t
+        dA = torch.mul(dt, A.t()).exp_()            # exp(Δ_t A) of every step: (T, b, nc, n, d)
+        nc = dt.shape[2]
+
+        starts = u.new_zeros(b, nc, n, d)
+        if nc > 1:
+            h = u.new_zeros(b, nc, n, d)            # 1. each chunk from a zero state
+            for t in range(T):
+                h.mul_(dA[t]).addcmul_(x[t], Bs[t])
+            decay = torch.exp(dt.sum(0) * A.t())    # exp(A ΣΔ): the product of a chunk's exp(Δ_t A)
+            _chain(starts, h, decay, u.new_zeros(b, n, d), range(nc))       # 2. chain them
+
+        # 3. scan every chunk from its true start, emitting y. For backward keep every state
+        # (one (b, d, n, l) tensor): recomputing them there would cost a pass as long as this one.
+        H = torch.empty_like(dA) if keep else None
+        h = starts if keep else starts.clone()
+        y = u.new_empty(T, b, nc, 1, d)
+        for t in range(T):
+            h = torch.mul(h, dA[t], out=H[t]) if keep else h.mul_(dA[t])
+            h.addcmul_(x[t], Bs[t])
+            _sum_n(Cs[t], h, out=y[t])
+        ctx.save_for_backward(u, dt, A, Bs, Cs, starts, dA, H)
+        ctx.shapes = B.shape, C.shape
+        return _from_chunks(y[..., 0, :], l), h[:, -1].transpose(-1, -2).contiguous()
+
+    @staticmethod
+    def backward(ctx, gy, glast):
+        u, dt, A, Bs, Cs, starts, dA, H = ctx.saved_tensors
+        T, b, nc, _, d = u.shape
+        l = gy.shape[-1]
+        x = dt * u
+        g = _to_chunks(gy, T)[..., None, :]         # (T, b, nc, 1, d)
+
+        # The adjoint λ_t = dL/dh_t obeys the same recurrence backwards in time,
+        # λ_t = C_t g_t + exp(Δ_{t+1} A) λ_{t+1}, so the same two levels compute it.
+        ends = torch.zeros_like(starts)
+        if glast is not None:
+            ends[:, -1] = glast.transpose(-1, -2)
+        if nc > 1:
+            lam = torch.zeros_like(starts)          # 1. each chunk from a zero adjoint
+            for t in reversed(range(T)):
+                lam.addcmul_(g[t], Cs[t]).mul_(dA[t])
+            decay = torch.exp(dt.sum(0) * A.t())    # 2. chain the chunks, right to left
+            _chain(ends, lam, decay, ends[:, -1].clone(), reversed(range(nc)))
+
+        lam, w = ends, torch.empty_like(starts)    # 3. scan each chunk back from its true end
+        g_dt, g_x = torch.empty_like(u), torch.empty_like(u)
+        g_B = u.new_empty((T,) + Bs.shape[1:])
+        g_C = u.new_empty((T,) + Cs.shape[1:])
+        g_A = torch.zeros_like(starts)
+        At = A.t()
+        for t in reversed(range(T)):
+            lam.addcmul_(g[t], Cs[t])               # λ_t
+            _sum_n(Bs[t], lam, out=g_x[t])          # dL/d(Δ_t u_t) = <λ_t, B_t>
+            _sum_d(lam, x[t], out=g_B[t])
+            _sum_d(H[t], g[t], out=g_C[t])
+            lam.mul_(dA[t])                         # λ_t exp(Δ_t A): the adjoint flowing to t-1
+            torch.mul(lam, H[t - 1] if t else starts, out=w)   # dL/d(Δ_t A), elementwise
+            g_A.addcmul_(w, dt[t])
+            torch.sum(w.mul_(At), -2, keepdim=True, out=g_dt[t])
+        g_dt.addcmul_(g_x, u)                       # Δ also enters through Δ_t u_t
+
+        def unchunk(gS, shape):                     # a per-step slab gradient -> B's or C's shape
+            return _from_chunks(gS[..., 0], l) if len(shape) == 3 else gS.sum((0, 1, 2)).t()
+        return (_from_chunks((g_x * dt)[..., 0, :], l), _from_chunks(g_dt[..., 0, :], l),
+                g_A.sum((0, 1)).t(), unchunk(g_B, ctx.shapes[0]), unchunk(g_C, ctx.shapes[1]), None)
+
+
+def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False):
+    """The fast selective scan: same signature and results as selective_scan_ref.
+
+    Pure PyTorch, differentiable, CPU or CUDA, any length. Runs in float32 (float64 stays
+    float64) with autocast off, because exp(Δ A) products lose too much in bfloat16.
+    """
+    out_dtype = u.dtype
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+        # keep the states for backward only when there will be one
+        keep = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
+        y, last = _SelectiveScan.apply(u, delta, A, B, C, keep)
+        y = _finish(y, u, D, z, out_dtype)
+    return (y, last) if return_last_state else y

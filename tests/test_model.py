@@ -1,0 +1,271 @@
+"""Tests of model.py: causality, recurrent decoding, generation, parameter count, agreement with transformers'
+independent Mamba, initialisation statistics, optimiser groups and config validation. CPU, a few seconds."""
+import dataclasses
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import MambaConfig, MambaLM, param_count, sample_next_token  # noqa: E402
+
+VOCAB = 50  # padded to 56 by the default multiple of 8: the padding ids must never be sampled
+
+
+def small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    kwargs = dict(d_model=32, n_layer=2, vocab_size=VOCAB, d_state=8, d_conv=4) | overrides
+    return MambaLM(MambaConfig(**kwargs)).eval()
+
+
+def random_ids(b, l, seed=1):
+    return torch.randint(0, VOCAB, (b, l), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- causality and recurrent decoding ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scan", ["fast", "ref"])
+def test_causal(scan):
+    model, t = small_model(scan=scan), 9
+    with torch.no_grad():
+        model.backbone.embedding.weight.mul_(50)  # std 1, not 0.02: larger logits, differences far above rounding
+    ids = random_ids(2, 20)
+    changed = ids.clone()
+    changed[:, t] = (changed[:, t] + 1) % VOCAB
+    with torch.no_grad():
+        before, after = model(ids), model(changed)
+    torch.testing.assert_close(before[:, :t], after[:, :t], rtol=0, atol=1e-6)
+    assert (before[:, t:] - after[:, t:]).abs().amax(dim=-1).min() > 1e-5  # every later one is affected
+
+
+def test_fast_and_ref_scans_give_the_same_logits():
+    ids = random_ids(2, 37)
+    with torch.no_grad():
+        fast, ref = small_model(scan="fast")(ids), small_model(scan="ref")(ids)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 3, 50])
+def test_prefill_then_steps_reproduce_forward(prompt_len):
+    """Prompts shorter than d_conv = 4 included: the conv window is then left-padded with zeros."""
+    model, ids = small_model(), random_ids(2, prompt_len + 8)
+    with torch.no_grad():
+        full = model(ids)
+    cache = model.allocate_cache(2)
+    logits = [model.prefill(ids[:, :prompt_len], cache)]
+    logits += [model.step(ids[:, t], cache) for t in range(prompt_len, ids.shape[1])]
+    torch.testing.assert_close(torch.stack(logits, dim=1), full[:, prompt_len - 1:], rtol=0, atol=1e-4)
+
+
+def test_steps_from_an_empty_cache_reproduce_forward():
+    """The equivalent of a prefill of length 0: every token goes through step()."""
+    model, ids = small_model(), random_ids(3, 12)
+    with torch.no_grad():
+        full = model(ids)
+    cache = model.allocate_cache(3)
+    stepped = torch.stack([model.step(ids[:, t], cache) for t in range(ids.shape[1])], dim=1)
+    torch.testing.assert_close(stepped, full, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError):
+        model.prefill(ids[:, :0], cache)
+
+
+def test_prefill_overwrites_a_used_cache():
+    model, ids = small_model(), random_ids(2, 10)
+    cache = model.allocate_cache(2)
+    model.prefill(random_ids(2, 7, seed=5), cache)
+    torch.testing.assert_close(model.prefill(ids, cache), model.prefill(ids, model.allocate_cache(2)))
+
+
+def test_bfloat16_model_decodes_like_its_forward():
+    model, ids = small_model().to(torch.bfloat16), random_ids(2, 10)
+    with torch.no_grad():
+        full = model(ids).float()
+    cache = model.allocate_cache(2)
+    assert cache[0][1].dtype == torch.float32  # the SSM state accumulates over tokens: kept in float32
+    logits = [model.prefill(ids[:, :4], cache)] + [model.step(ids[:, t], cache) for t in range(4, 10)]
+    stepped = torch.stack(logits, dim=1).float()
+    assert torch.isfinite(stepped).all()
+    torch.testing.assert_close(stepped, full[:, 3:], rtol=0, atol=0.05)
+
+
+def test_backward_reaches_every_parameter():
+    model, ids = small_model().train(), random_ids(2, 16)
+    logits = model(ids[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+# ---- generation ---------------------------------------------------------------------------------------------
+
+def greedy_by_full_forward(model, ids, n):
+    for _ in range(n):
+        with torch.no_grad():
+            next_id = model(ids)[:, -1, :VOCAB].argmax(dim=-1)
+        ids = torch.cat([ids, next_id[:, None]], dim=1)
+    return ids
+
+
+def test_greedy_generation_equals_argmax_of_full_forward():
+    model, prompt = small_model(seed=3), random_ids(2, 5)
+    out = model.generate(prompt, 12, temperature=0)
+    assert out.shape == (2, 17) and torch.equal(out[:, :5], prompt)
+    assert torch.equal(out, greedy_by_full_forward(model, prompt, 12))
+
+
+def test_sampling_is_reproducible_and_top_k_1_or_tiny_top_p_is_greedy():
+    model, prompt = small_model(seed=3), random_ids(2, 5)
+    greedy = model.generate(prompt, 10, temperature=0)
+
+    def sample(seed, **kw):
+        return model.generate(prompt, 10, temperature=1.5, generator=torch.Generator().manual_seed(seed), **kw)
+
+    assert torch.equal(sample(7), sample(7))
+    assert not torch.equal(sample(7), sample(8))
+    assert torch.equal(sample(7, top_k=1), greedy)
+    assert torch.equal(sample(7, top_p=1e-9), greedy)
+    assert torch.equal(model.generate(prompt, 0), prompt)
+    streamed = list(model.stream(prompt, 4, temperature=0))
+    assert len(streamed) == 4 and torch.equal(torch.stack(streamed, dim=1), greedy[:, 5:9])
+
+
+def test_padding_ids_are_never_generated():
+    model = small_model(tie_embeddings=False)
+    with torch.no_grad():
+        model.lm_head.weight[VOCAB:] = 100.0  # the padding rows would win every argmax if they were allowed
+    prompt = random_ids(4, 3)
+    assert model.generate(prompt, 8, temperature=0).max() < VOCAB
+    assert model.generate(prompt, 8, temperature=3.0, generator=torch.Generator().manual_seed(0)).max() < VOCAB
+
+
+def test_top_k_and_top_p_keep_the_right_support():
+    probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
+    logits, g = probs.log().expand(4000, -1), torch.Generator().manual_seed(0)
+    counts = lambda ids: torch.bincount(ids, minlength=5)  # noqa: E731
+    assert set(counts(sample_next_token(logits, top_k=2, generator=g)).nonzero().flatten().tolist()) == {1, 3}
+    # Nucleus: 0.4 + 0.3 = 0.7 < 0.75, so the third most likely (index 4, 0.15) is needed too.
+    by_top_p = counts(sample_next_token(logits, top_p=0.75, generator=g))
+    assert set(by_top_p.nonzero().flatten().tolist()) == {1, 3, 4}
+    torch.testing.assert_close(by_top_p[[1, 3, 4]] / 4000, torch.tensor([0.4, 0.3, 0.15]) / 0.85, atol=0.03, rtol=0)
+    plain = counts(sample_next_token(logits, generator=g)) / 4000
+    torch.testing.assert_close(plain, probs[0], atol=0.03, rtol=0)
+    for bad in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            sample_next_token(logits, **bad)
+
+
+# ---- parameters -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [{}, dict(tie_embeddings=False), dict(bias=True, conv_bias=False, dt_rank=5),
+                                       dict(expand=3, d_state=4, d_conv=2, pad_vocab_size_multiple=1)])
+def test_parameter_count_matches_the_formula(overrides):
+    model = small_model(**overrides)
+    distinct = {p.data_ptr(): p.numel() for p in model.state_dict().values()}  # tied weights: one storage
+    assert model.num_params() == param_count(model.config) == sum(distinct.values())
+    assert (model.lm_head.weight is model.backbone.embedding.weight) == model.config.tie_embeddings
+
+
+def test_logits_match_transformers_mamba():
+    """transformers' MambaForCausalLM is an independent implementation; on CPU without mamba_ssm it runs its
+    pure-PyTorch sequential path. Its random weights are perturbed (A_log, D, norms, conv and dt biases...) so
+    that no parameter keeps a trivial init value that could hide a mistake."""
+    import transformers  # a test requirement, imported here because it takes seconds
+
+    assert importlib.util.find_spec("mamba_ssm") is None, "transformers must use its slow pure-torch path here"
+    torch.manual_seed(0)
+    hf_config = transformers.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=100, state_size=16,
+                                         expand=2, conv_kernel=4, layer_norm_epsilon=1e-5, use_mambapy=False)
+    hf = transformers.MambaForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
+    # vocab 100 is already a multiple of 4, so no padding row is added and the shapes match.
+    ours = MambaLM(MambaConfig(d_model=64, n_layer=2, vocab_size=100, d_state=16, pad_vocab_size_multiple=4)).eval()
+    assert set(state) == set(ours.state_dict())
+    ours.load_state_dict(state)
+    ids = torch.randint(0, 100, (2, 24))
+    with torch.no_grad():
+        expected, got = hf(ids, use_cache=False).logits, ours(ids)
+    assert expected.abs().max() > 1  # not a degenerate comparison
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+# ---- initialisation -----------------------------------------------------------------------------------------
+
+def test_initialisation_statistics():
+    config = MambaConfig(d_model=256, n_layer=4, vocab_size=100, d_state=16)
+    torch.manual_seed(0)
+    model = MambaLM(config)
+    fresh_linear_std = nn.Linear(config.d_inner, config.d_model).weight.std()
+    for layer in model.backbone.layers:
+        m = layer.mixer
+        dt = F.softplus(m.dt_proj.bias)
+        assert dt.min() >= config.dt_min * (1 - 1e-4) and dt.max() <= config.dt_max * (1 + 1e-4)
+        # log-uniform: log dt is uniform on [log dt_min, log dt_max], mean in the middle (sd of the mean 0.06)
+        assert abs(dt.log().mean() - (math.log(config.dt_min) + math.log(config.dt_max)) / 2) < 0.3
+        bound = config.dt_rank_value ** -0.5 * config.dt_scale
+        assert m.dt_proj.weight.abs().max() <= bound and m.dt_proj.weight.abs().max() > 0.9 * bound
+        assert m.A_log.dtype == torch.float32
+        torch.testing.assert_close(-torch.exp(m.A_log), -torch.arange(1.0, 17.0).expand(config.d_inner, -1))
+        assert torch.equal(m.D, torch.ones(config.d_inner)) and torch.equal(layer.norm.weight, torch.ones(256))
+        expected_std = fresh_linear_std / math.sqrt(config.n_layer)
+        assert abs(m.out_proj.weight.std() / expected_std - 1) < 0.05
+    assert abs(model.backbone.embedding.weight.std() - 0.02) < 0.001
+    assert model.lm_head.weight is model.backbone.embedding.weight
+
+
+def test_dt_init_floor_and_zero_linear_biases():
+    torch.manual_seed(0)
+    config = MambaConfig(d_model=64, n_layer=1, vocab_size=10, dt_min=1e-5, dt_max=1e-2, dt_init_floor=1e-3,
+                         bias=True)
+    mixer = MambaLM(config).backbone.layers[0].mixer
+    dt = F.softplus(mixer.dt_proj.bias)
+    assert dt.min() >= 1e-3 * (1 - 1e-4) and (dt < 1.001e-3).any()  # clamped values sit at the floor
+    assert not mixer.in_proj.bias.any() and not mixer.out_proj.bias.any()
+
+
+# ---- optimiser groups -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_optim_groups_cover_every_parameter_once(tie):
+    model = small_model(tie_embeddings=tie, bias=True)
+    decay, no_decay = model.optim_groups(0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    grouped = [id(p) for p in decay["params"] + no_decay["params"]]
+    assert len(grouped) == len(set(grouped)) and set(grouped) == {id(p) for p in model.parameters()}
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed = {names[id(p)].split("mixer.")[-1] for p in decay["params"]}
+    assert decayed == {"in_proj.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight"}
+    assert len(decay["params"]) == 4 * model.config.n_layer
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    for name in ("A_log", "D", "norm.weight", "norm_f.weight", "in_proj.bias", "dt_proj.bias", "conv1d.bias",
+                 "embedding.weight"):
+        assert any(n.endswith(name) for n in not_decayed), name
+    torch.optim.AdamW(model.optim_groups(0.1), lr=1e-3)  # accepted as is
+
+
+# ---- config -----------------------------------------------------------------------------------------------------
+
+def test_config_derived_sizes_and_field_docs():
+    config = MambaConfig(d_model=33, n_layer=1, vocab_size=50, expand=3)
+    assert (config.d_inner, config.dt_rank_value, config.padded_vocab_size) == (99, 3, 56)
+    assert MambaConfig(d_model=32, n_layer=1, vocab_size=48, dt_rank=7).dt_rank_value == 7
+    assert MambaConfig(d_model=32, n_layer=1, vocab_size=48).padded_vocab_size == 48
+    for f in dataclasses.fields(MambaConfig):
+        assert f.metadata.get("doc"), f.name
+
+
+@pytest.mark.parametrize("field, value", [
+    ("d_model", 0), ("n_layer", -1), ("vocab_size", 0), ("d_state", 0), ("d_conv", 0), ("expand", 0),
+    ("expand", 1.5), ("dt_rank", 0), ("dt_rank", "big"), ("dt_min", 0.0), ("dt_max", 1e-4), ("dt_scale", 0.0),
+    ("dt_init_floor", -1.0), ("norm_eps", 0.0), ("pad_vocab_size_multiple", 0), ("scan", "slow"), ("d_model", True),
+])
+def test_config_rejects_impossible_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        MambaConfig(**{"d_model": 32, "n_layer": 2, "vocab_size": 50, field: value})
