@@ -1,0 +1,110 @@
+"""generate.py: streams the same text for the same seed (equal to model.generate's), decodes UTF-8
+incrementally, draws several samples, reports tokens/s, and refuses bad input in one line."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate
+import train
+from data import DataConfig
+from model import MambaConfig
+from train import TrainConfig, load_checkpoint
+
+torch.set_num_threads(1)  # the subprocesses use one thread too, so sampling sees the same logits
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+TEXT = "the cat sat on the mat. le café est ouvert ✓. the dog ran to the red house.\n" * 300
+
+
+def trained(folder: Path, tokenizer: str, steps: int) -> Path:
+    (folder / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    data = DataConfig(source=str(folder / "corpus.txt"), tokenizer=tokenizer, cache_dir=str(folder / "cache"),
+                      val_fraction=0.1)
+    cfg = TrainConfig(out_dir=str(folder / "out"), device="cpu", batch_size=4, seq_len=32, max_steps=steps,
+                      lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_interval=steps, eval_batches=1, ckpt_interval=steps)
+    train.train(MambaConfig(d_model=32, n_layer=2, vocab_size=256), data, cfg)
+    return folder / "out" / "ckpt.pt"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return trained(tmp_path_factory.mktemp("byte"), "byte", 30)
+
+
+@pytest.fixture(scope="module")
+def char_ckpt(tmp_path_factory):
+    return trained(tmp_path_factory.mktemp("char"), "char", 2)
+
+
+def run(*args):
+    """generate.py on the CPU (what this process computes on, so sampled tokens can be compared)."""
+    command = [sys.executable, str(ROOT / "generate.py"), "--device", "cpu", *map(str, args)]
+    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, encoding="utf-8", timeout=120)
+
+
+def test_same_seed_streams_the_same_text_as_model_generate(ckpt):
+    prompt, n = "le café ✓ ", 80
+    args = ("--ckpt", ckpt, "--prompt", prompt, "--max-new-tokens", n, "--temperature", 1.0, "--top-k", 100,
+            "--seed", 7)
+    first, second = run(*args), run(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+    assert f"sampled {n} tokens in" in first.stderr and "tokens/s" in first.stderr
+
+    # Independent path: batch generation in this process, decoded all at once.
+    model, tokenizer, _ = load_checkpoint(ckpt)
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    out = model.generate(ids, n, temperature=1.0, top_k=100, generator=torch.Generator().manual_seed(7))
+    assert first.stdout == prompt + bytes(out[0, ids.shape[1]:].tolist()).decode("utf-8", errors="replace") + "\n"
+
+    other = run(*args[:-1], 8)
+    assert other.returncode == 0 and other.stdout != first.stdout
+
+
+def test_several_samples_and_a_prompt_file(ckpt, tmp_path):
+    (tmp_path / "prompt.txt").write_text("the dog", encoding="utf-8")
+    result = run("--ckpt", ckpt, "--prompt-file", tmp_path / "prompt.txt", "--num-samples", 3,
+                 "--max-new-tokens", 20, "--top-p", 0.9, "--seed", 3)
+    assert result.returncode == 0, result.stderr
+    samples = result.stdout[:-1].split(generate.SEPARATOR)
+    assert len(samples) == 3 and all(s.startswith("the dog") for s in samples)
+    assert len(set(samples)) == 3  # one generator, drawn on: the samples differ
+    assert "sampled 60 tokens" in result.stderr
+
+
+def test_utf8_is_decoded_incrementally_like_decoding_everything_at_once():
+    class Bytes:
+        unit = "byte"
+
+    text = "aé✓😀 done"
+    data = list(text.encode("utf-8")) + [0xFF, 0xE2, 0x9C]  # then an invalid byte and a cut-off character
+    pieces = list(generate.text_pieces(Bytes(), data))
+    assert "".join(pieces) == bytes(data).decode("utf-8", errors="replace")
+    assert pieces[:6] == ["a", "", "é", "", "", "✓"]  # a character appears with its last byte, never half
+    assert "\ufffd" not in "".join(pieces[:len(text.encode())])
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "empty prompt", "unknown char", "bad temperature"])
+def test_bad_input_is_one_line_and_exit_2(case, ckpt, char_ckpt, tmp_path):
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00not a checkpoint")
+    args, words = {
+        "missing": (["--ckpt", tmp_path / "nope.pt"], "no such checkpoint file"),
+        "corrupt": (["--ckpt", tmp_path / "corrupt.pt"], "is not a readable checkpoint"),
+        "empty prompt": (["--ckpt", ckpt, "--prompt", ""], "the prompt is empty"),
+        "unknown char": (["--ckpt", char_ckpt, "--prompt", "the €"], "'€' (U+20AC) is not in the char vocabulary"),
+        "bad temperature": (["--ckpt", ckpt, "--temperature", -1], "--temperature must be >= 0"),
+    }[case]
+    result = run(*args)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and words in result.stderr, \
+        result.stderr
+
+
+def test_char_checkpoint_samples_known_characters(char_ckpt):
+    result = run("--ckpt", char_ckpt, "--prompt", "the ", "--max-new-tokens", 30, "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    assert set(result.stdout) <= set(TEXT) and len(result.stdout) == len("the ") + 30 + 1
