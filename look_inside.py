@@ -1,0 +1,243 @@
+"""Look inside a trained model: what the selection (Δ, B, C) does on a text, layer by layer.
+
+    python look_inside.py --ckpt out/ckpt.pt [--text TEXT | --text-file F | --ids 3,1,4] [--out assets/delta.png]
+                          [--json delta.json]
+
+Runs the text through the model once and records, for every layer, the numbers its selective scan uses:
+Δ (l, d_inner), B and C (l, n), A (d_inner, n). Each channel's state evolves as
+
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t        (A < 0, so 0 < exp(Δ_t A) < 1)
+
+so Δ_t decides, per token, how much of the state survives (exp(Δ_t A) near 1 for a small Δ_t: the token is
+mostly ignored) and how strongly the token is written in (a large Δ_t resets the state towards the token).
+The figure shows per layer: mean Δ over channels for each token, coloured over the text; the norms of B_t and
+C_t (how strongly the token is written into / read from the state); and the fraction of the state that survives
+the step, the mean over channels and state of exp(Δ_t A). The text summary lists the tokens with the largest
+and smallest mean Δ and the characters whose Δ is largest on average. --json writes, per layer, the per-token
+lists delta (mean over channels), B_norm, C_norm and survival, and the summary; "tokens" holds each token's text.
+
+The numbers are captured with a forward hook on each mixer's x_proj (its input u is the conv branch's output)
+and passed through the mixer's own MambaMixer._ssm_params, so they are the model's, not a re-implementation.
+"""
+import argparse
+import codecs
+import json
+import sys
+import unicodedata
+
+import matplotlib
+
+matplotlib.use("Agg")  # draw into a file, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from train import die, load_checkpoint  # noqa: E402
+
+DEFAULT_TEXT = ('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n'
+                '    for _ in range(n):\n        a, b = b, a + b\n    return a\n')
+COLUMNS = 64  # the text is wrapped at newlines and at this many tokens per row in the heatmaps
+SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥", "": "·"}  # how invisible tokens are drawn ("": part of a character)
+
+
+@torch.no_grad()
+def capture(model, ids):
+    """ids (1, l) int64 -> one dict per layer: delta (l, d_inner) = Δ after softplus, B and C (l, n), A (d_inner, n),
+    all float32: exactly what the layer's selective scan receives (dt_proj.bias is added as the scan does)."""
+    mixers = [layer.mixer for layer in model.backbone.layers]
+    seen = {}  # layer index -> x_proj's input u (1, l, d_inner)
+
+    def keeper(i):
+        def hook(module, args, output):  # returns None: the forward pass goes on unchanged
+            seen[i] = args[0]
+        return hook
+
+    hooks = [m.x_proj.register_forward_hook(keeper(i)) for i, m in enumerate(mixers)]
+    try:
+        model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layers = []
+    for i, mixer in enumerate(mixers):
+        dt, B, C, A = mixer._ssm_params(seen[i])  # dt (1, l, d_inner) without its bias
+        delta = F.softplus(dt.float() + mixer.dt_proj.bias.float())
+        layers.append({"delta": delta[0], "B": B[0].float(), "C": C[0].float(), "A": A})
+    return layers
+
+
+def per_token(layers):
+    """The plotted statistics, per layer a dict of (l,) tensors: mean Δ over channels, |B_t|, |C_t| (L2 over n), and
+    survival = mean over (d_inner, n) of exp(Δ_t A), the fraction of the state that survives step t."""
+    return [{"delta": L["delta"].mean(-1), "B_norm": L["B"].norm(dim=-1), "C_norm": L["C"].norm(dim=-1),
+             "survival": torch.exp(L["delta"][:, :, None] * L["A"]).mean((1, 2))} for L in layers]
+
+
+def token_labels(tokenizer, ids):
+    """The text of each token (list of l str). A byte token that only starts a UTF-8 character gets "" (the
+    character is shown on its last byte); a byte that can never be valid gets U+FFFD."""
+    if tokenizer.unit != "byte":
+        return [tokenizer.decode([i]) for i in ids]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    labels = [decoder.decode(bytes([i])) for i in ids]
+    labels[-1] += decoder.decode(b"", final=True)  # a character cut off at the end
+    return labels
+
+
+def shown(label, token_id):
+    """What a token's cell shows: its character, a visible sign for whitespace, or its id for control tokens."""
+    if label in SHOWN:
+        return SHOWN[label]
+    if len(label) == 1 and unicodedata.category(label)[0] == "C":
+        return str(token_id)
+    return label
+
+
+def context(labels, t, left=6):
+    """Token t in brackets after the text before it (the model is causal: Δ_t depends on tokens 0..t only)."""
+    visible = [SHOWN.get(label, label) if label != " " else label for label in labels[max(0, t - left):t + 1]]
+    return "".join(visible[:-1]) + f"[{visible[-1]}]"
+
+
+def summarize(labels, stats, k=5):
+    """Per layer: the k tokens with the largest and smallest mean Δ as (position, Δ), the mean Δ per character
+    (characters seen at least twice), and overall means. Returns a list of dicts (JSON-able)."""
+    out = []
+    for s in stats:
+        delta = s["delta"]
+        order = delta.argsort(descending=True).tolist()
+        by_char = {}
+        for t, label in enumerate(labels):
+            by_char.setdefault(label, []).append(delta[t].item())
+        by_char = {c: sum(v) / len(v) for c, v in by_char.items() if len(v) >= 2 and c}
+        out.append({"largest": [(t, delta[t].item()) for t in order[:k]],
+                    "smallest": [(t, delta[t].item()) for t in order[::-1][:k]],
+                    "by_char": dict(sorted(by_char.items(), key=lambda kv: -kv[1])),
+                    "mean_delta": delta.mean().item(), "mean_survival": s["survival"].mean().item(),
+                    "mean_B_norm": s["B_norm"].mean().item(), "mean_C_norm": s["C_norm"].mean().item()})
+    return out
+
+
+def print_summary(labels, summary, file=None):
+    for i, s in enumerate(summary):
+        print(f"layer {i}: mean Δ {s['mean_delta']:.4g}, state surviving a step {s['mean_survival']:.3f}, "
+              f"|B| {s['mean_B_norm']:.3g}, |C| {s['mean_C_norm']:.3g}", file=file)
+        for name in ("largest", "smallest"):
+            tokens = "  ".join(f"\"{context(labels, t)}\" {d:.3g}" for t, d in s[name])
+            print(f"  {name} Δ: {tokens}", file=file)
+        top = ", ".join(f"{c!r} {d:.3g}" for c, d in list(s["by_char"].items())[:5])
+        print(f"  characters with the largest mean Δ: {top or '(none seen twice)'}", file=file)
+
+
+def grid(cells):
+    """Token positions in the wrapped text: a new row after a newline or after COLUMNS tokens. -> [(row, col)]."""
+    row, col, where = 0, 0, []
+    for cell in cells:
+        if col == COLUMNS:
+            row, col = row + 1, 0
+        where.append((row, col))
+        col += 1
+        if cell == SHOWN["\n"]:
+            row, col = row + 1, 0
+    return where
+
+
+def draw(cells, stats, path, title):
+    """Per layer, a heatmap of mean Δ over the wrapped text (cells: what each token shows) and a plot of |B_t|,
+    |C_t| and the surviving fraction against the token position. Writes the PNG to path."""
+    where = grid(cells)
+    rows = where[-1][0] + 1
+    heights = [r for _ in stats for r in (0.22 * rows + 0.5, 1.7)]
+    fig, axes = plt.subplots(2 * len(stats), 1, figsize=(10, sum(heights) + 0.6), layout="constrained",
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    fig.suptitle(title, fontsize=11)
+    for i, s in enumerate(stats):
+        heat, lines = axes[2 * i, 0], axes[2 * i + 1, 0]
+        values = torch.full((rows, COLUMNS), float("nan"))
+        for (r, c), d in zip(where, s["delta"].tolist()):
+            values[r, c] = d
+        image = heat.imshow(values.numpy(), cmap="viridis", aspect="auto", interpolation="nearest")
+        low, high = image.get_clim()
+        for (r, c), cell, d in zip(where, cells, s["delta"].tolist()):
+            bright = (d - low) / max(high - low, 1e-12) > 0.6  # dark ink on the light end of the colour map
+            heat.text(c, r, cell, ha="center", va="center", fontsize=7 if len(cell) == 1 else 5,
+                      family="DejaVu Sans Mono", color="black" if bright else "white", parse_math=False)
+        heat.set(xticks=[], yticks=[], title=f"layer {i}: Δ averaged over channels, per token")
+        fig.colorbar(image, ax=heat, fraction=0.03, pad=0.01, label="mean Δ")
+        t = range(len(cells))
+        lines.plot(t, s["B_norm"].numpy(), lw=1, label="|B_t|: how strongly the token is written into the state")
+        lines.plot(t, s["C_norm"].numpy(), lw=1, label="|C_t|: how strongly the state is read out")
+        lines.set(xlim=(-0.5, len(cells) - 0.5), ylabel="norm", xlabel="token position" * (i == len(stats) - 1))
+        kept = lines.twinx()
+        kept.plot(t, s["survival"].numpy(), lw=1, color="black", label="state surviving the step: mean exp(Δ_t A)")
+        kept.set_ylabel("surviving")
+    handles = lines.get_legend_handles_labels()[0] + kept.get_legend_handles_labels()[0]
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def look_inside(ckpt, text=None, ids=None, out="delta.png", json_path=None, max_tokens=512, file=None):
+    """Load ckpt, run text (or token ids) through the model, write the PNG (and the JSON), print the summary to
+    file (None: stdout).
+    Returns {"ids", "labels", "layers": capture()'s list, "stats": per_token()'s list, "summary"}."""
+    model, tokenizer, _ = load_checkpoint(ckpt)
+    if ids is None:
+        try:
+            ids = tokenizer.encode(text)
+        except ValueError as e:  # a character the char tokenizer never saw
+            die(f"text: {e}")
+    if not ids:
+        die("the text is empty: give at least one token")
+    if max_tokens < 1:
+        die(f"--max-tokens must be >= 1, got {max_tokens}")
+    if any(not 0 <= i < model.config.vocab_size for i in ids):
+        die(f"token ids must be in [0, {model.config.vocab_size})")
+    if len(ids) > max_tokens:
+        print(f"note: looking at the first {max_tokens} of {len(ids)} tokens (--max-tokens)", file=sys.stderr)
+        ids = ids[:max_tokens]
+    layers = capture(model, torch.tensor([ids]))
+    stats = per_token(layers)
+    labels = token_labels(tokenizer, ids)
+    summary = summarize(labels, stats)
+    print_summary(labels, summary, file)
+    draw([shown(lab, i) for lab, i in zip(labels, ids)], stats, out, f"{ckpt}: {len(ids)} tokens")
+    print(f"wrote {out}", file=file)
+    if json_path:
+        numbers = [{name: s[name].tolist() for name in s} for s in stats]
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump({"ckpt": str(ckpt), "ids": ids, "tokens": labels,
+                       "layers": [{**n, **m} for n, m in zip(numbers, summary)]}, f, ensure_ascii=False)
+        print(f"wrote {json_path}", file=file)
+    return {"ids": ids, "labels": labels, "layers": layers, "stats": stats, "summary": summary}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Draw Δ, B, C and the state's decay of a checkpoint on a text.")
+    parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by main.py (default: out/ckpt.pt)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text", help="the text to look at (default: a short Python function)")
+    source.add_argument("--text-file", help="read the text from this UTF-8 file")
+    source.add_argument("--ids", help="comma-separated token ids, e.g. a task example that is not text")
+    parser.add_argument("--out", default="delta.png", help="the PNG to write (default: delta.png)")
+    parser.add_argument("--json", help="also write the per-token numbers and the summary to this JSON file")
+    parser.add_argument("--max-tokens", type=int, default=512, help="look at the first this many tokens (512)")
+    args = parser.parse_args(argv)
+    text, ids = args.text, None
+    if args.text_file:
+        try:
+            with open(args.text_file, encoding="utf-8", newline="") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            die(f"--text-file {args.text_file}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})")
+    elif args.ids:
+        try:
+            ids = [int(i) for i in args.ids.split(",")]
+        except ValueError:
+            die(f"--ids must be comma-separated integers, got {args.ids!r}")
+    look_inside(args.ckpt, DEFAULT_TEXT if text is None and ids is None else text, ids, args.out, args.json,
+                args.max_tokens)
+
+
+if __name__ == "__main__":
+    main()
