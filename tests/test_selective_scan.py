@@ -1,0 +1,519 @@
+"""Tests of selective_scan.py against an independent float64 recurrence written out below.
+
+Covers: forward agreement of selective_scan_ref and selective_scan_fn over many lengths, B/C layouts
+and options; extreme Δ and A; gradients of the fast path against the reference's (and gradcheck);
+the one-step update; dtypes and autocast; memory that grows linearly with l; and one case by hand.
+CPU, one thread, well under a minute.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update
+
+SCANS = {"ref": selective_scan_ref, "fn": selective_scan_fn}
+LAYOUTS = [(False, False), (True, True), (True, False), (False, True)]  # (B selective, C selective)
+LAYOUT_IDS = ["BC-fixed", "BC-sel", "B-sel-C-fixed", "B-fixed-C-sel"]
+
+
+# ---- the independent truth --------------------------------------------------------------------------------
+
+def truth(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """The recurrence as written in the paper, in float64, one timestep at a time. Returns y (b, d, l), h_l."""
+    u, delta, A, B, C = (x.detach().double() for x in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.detach().double()[:, None]
+    if delta_softplus:
+        delta = torch.log1p(torch.exp(delta))
+    b, d, l = u.shape
+    h = torch.zeros(b, d, A.shape[1], dtype=torch.float64)
+    y = torch.zeros(b, d, l, dtype=torch.float64)
+    for t in range(l):
+        B_t = B if B.dim() == 2 else B[:, None, :, t]           # (d, n) or (b, 1, n)
+        C_t = C if C.dim() == 2 else C[:, None, :, t]
+        dt = delta[:, :, t, None]                               # (b, d, 1)
+        h = torch.exp(dt * A) * h + dt * B_t * u[:, :, t, None]
+        y[:, :, t] = (C_t * h).sum(-1)
+        if D is not None:
+            y[:, :, t] += D.detach().double() * u[:, :, t]
+    if z is not None:
+        z = z.detach().double()
+        y = y * z * torch.sigmoid(z)
+    return y, h
+
+
+def rel_err(x, ref):
+    """Largest absolute difference, relative to the largest magnitude of the reference."""
+    x, ref = x.detach().double(), ref.detach().double()
+    return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def make_inputs(b, d, n, l, B_sel, C_sel, D=True, z=True, bias=True, softplus=True, dtype=torch.float32,
+                seed=0):
+    """Random inputs in a realistic range: Δ about 0.05..1.5, A = -exp(N(0, 0.5^2))."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    if softplus:
+        delta = rnd(b, d, l) * 0.5 - 0.5           # softplus(delta + bias) ~ 0.1..1.5
+    else:
+        delta = torch.rand(b, d, l, generator=g, dtype=torch.float64) + 0.05
+    kw = dict(
+        u=rnd(b, d, l),
+        delta=delta,
+        A=-torch.exp(rnd(d, n) * 0.5),
+        B=rnd(b, n, l) if B_sel else rnd(d, n),
+        C=rnd(b, n, l) if C_sel else rnd(d, n),
+        D=rnd(d) if D else None,
+        z=rnd(b, d, l) if z else None,
+        # without softplus Δ + bias must stay >= 0 (A < 0 only bounds the state when Δ >= 0)
+        delta_bias=(rnd(d) * 0.3 - 0.5 if softplus else torch.rand(d, generator=g, dtype=torch.float64) * 0.1)
+        if bias else None,
+    )
+    kw = {k: None if v is None else v.to(dtype) for k, v in kw.items()}
+    kw["delta_softplus"] = softplus
+    return kw
+
+
+def tensors(kw):
+    return {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
+
+
+def check_against_truth(kw, tol, scans=("ref", "fn")):
+    y_true, h_true = truth(**kw)
+    for name in scans:
+        y, h = SCANS[name](**kw, return_last_state=True)
+        assert y.shape == y_true.shape and h.shape == h_true.shape
+        assert torch.isfinite(y).all() and torch.isfinite(h).all(), name
+        assert rel_err(y, y_true) < tol, (name, rel_err(y, y_true))
+        assert rel_err(h, h_true) < tol, (name, rel_err(h, h_true))
+        # without return_last_state: y alone, the same values
+        y_only = SCANS[name](**kw)
+        assert isinstance(y_only, torch.Tensor)
+        assert rel_err(y_only, y_true) < tol, name
+
+
+# ---- 1. forward agreement with the truth ------------------------------------------------------------------
+
+@pytest.mark.parametrize("options", ["none", "all"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("l", [1, 2, 3, 7, 64, 127, 1000, 4097])
+def test_forward_matches_truth(l, layout, options):
+    on = options == "all"
+    kw = make_inputs(2, 3, 4, l, *layout, D=on, z=on, bias=on, softplus=on, seed=l)
+    check_against_truth(kw, 1e-5)
+
+
+@pytest.mark.parametrize("D,z,bias,softplus", list(itertools.product([False, True], repeat=4)))
+def test_forward_options_matches_truth(D, z, bias, softplus):
+    layout = LAYOUTS[(D + 2 * z) % 4]  # every layout meets every option somewhere
+    kw = make_inputs(2, 3, 4, 127, *layout, D=D, z=z, bias=bias, softplus=softplus, seed=7)
+    check_against_truth(kw, 1e-5)
+
+
+@pytest.mark.parametrize("b,d,n,l", [(1, 1024, 256, 3),    # b*d*n > 2^18: a single chunk, the plain loop
+                                     (1, 512, 256, 64),    # b*d*n = 2^17: two chunks
+                                     (3, 5, 7, 50)])       # odd sizes, 7 chunks of 8 with padding
+def test_forward_chunking_regimes(b, d, n, l):
+    kw = make_inputs(b, d, n, l, True, False, seed=3)
+    check_against_truth(kw, 1e-5, scans=("fn",))
+
+
+def test_forward_transposed_views():
+    """The model passes Δ, B and C as transposed views of (b, l, k) tensors: same results as contiguous."""
+    kw = make_inputs(2, 6, 4, 130, True, True, seed=5)
+    views = dict(kw)
+    for k in ("u", "delta", "B", "C", "z"):
+        views[k] = kw[k].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not views[k].is_contiguous()
+    for scan in SCANS.values():
+        y, h = scan(**kw, return_last_state=True)
+        yv, hv = scan(**views, return_last_state=True)
+        assert rel_err(yv, y) < 1e-6 and rel_err(hv, h) < 1e-6   # only the rounding of vectorised ops differs
+
+
+def test_no_grad_path_matches_grad_path():
+    """Without autograd the fast path keeps no states: it must still give the same numbers."""
+    kw = make_inputs(2, 3, 4, 300, True, False, seed=11)
+    with torch.no_grad():
+        y0, h0 = selective_scan_fn(**kw, return_last_state=True)
+    grads = {k: v.clone().requires_grad_() for k, v in tensors(kw).items()}
+    y1, h1 = selective_scan_fn(**(kw | grads), return_last_state=True)
+    assert y1.requires_grad
+    torch.testing.assert_close(y1.detach(), y0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h1.detach(), h0, rtol=1e-6, atol=1e-6)
+
+
+# ---- 2. extreme ranges ------------------------------------------------------------------------------------
+
+def extreme_inputs(l, B_sel, C_sel, seed=0):
+    """Δ from 0 (exactly, in places) up to 20; A from -100 up to -1e-4; Δ|A| up to 2000."""
+    g = torch.Generator().manual_seed(seed)
+    b, d, n = 2, 4, 4
+    delta = torch.rand(b, d, l, generator=g) * 20
+    delta[torch.rand(b, d, l, generator=g) < 0.2] = 0.0
+    delta[:, :, :5] = 20.0                      # several steps of Δ = 20 in a row, at the start
+    delta[:, :, -3:] = 0.0                      # and exactly zero at the end
+    A = -torch.exp(torch.empty(d, n).uniform_(math.log(1e-4), math.log(100), generator=g))
+    A[0, 0], A[1, 1], A[2, 2] = -100.0, -1e-4, -1.0
+    return dict(u=torch.randn(b, d, l, generator=g), delta=delta, A=A,
+                B=torch.randn(b, n, l, generator=g) if B_sel else torch.randn(d, n, generator=g),
+                C=torch.randn(b, n, l, generator=g) if C_sel else torch.randn(d, n, generator=g),
+                D=torch.randn(d, generator=g), z=torch.randn(b, d, l, generator=g))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("l", [7, 1000, 4097])
+def test_extreme_ranges(l, layout):
+    kw = extreme_inputs(l, *layout, seed=l)
+    assert (kw["delta"] == 0).any() and (kw["delta"] * -kw["A"].min()).max() == 2000
+    check_against_truth(kw, 1e-5)
+    # gradients: finite everywhere, and the fast path agrees with the reference
+    grads = {}
+    g = torch.Generator().manual_seed(1)
+    gy, gh = torch.randn(2, 4, l, generator=g), torch.randn(2, 4, 4, generator=g)
+    for name, scan in SCANS.items():
+        leaves = {k: v.clone().requires_grad_() for k, v in kw.items()}
+        y, h = scan(**leaves, return_last_state=True)
+        grads[name] = torch.autograd.grad((y * gy).sum() + (h * gh).sum(), list(leaves.values()))
+        for k, gr in zip(leaves, grads[name]):
+            assert torch.isfinite(gr).all(), (name, k)
+    for k, gf, gr in zip(kw, grads["fn"], grads["ref"]):
+        assert rel_err(gf, gr) < 1e-4, (k, rel_err(gf, gr))
+
+
+def test_extreme_softplus_large_delta():
+    """softplus(Δ + bias) with Δ + bias up to ~40 (softplus ~ identity there) and A = -100."""
+    kw = extreme_inputs(513, True, True, seed=2)
+    kw["delta"] = kw["delta"] * 2 - 5
+    kw["delta_bias"] = torch.full((4,), 3.0)
+    kw["delta_softplus"] = True
+    check_against_truth(kw, 1e-5)
+
+
+# ---- 3. gradients -----------------------------------------------------------------------------------------
+
+def grads_of(scan, kw, gy, gh):
+    """Gradients w.r.t. every tensor input, for upstream gradients gy on y and gh on the last state."""
+    leaves = {k: v.clone().requires_grad_() for k, v in tensors(kw).items()}
+    y, h = scan(**(kw | leaves), return_last_state=True)
+    loss = 0
+    if gy is not None:
+        loss = loss + (y * gy).sum()
+    if gh is not None:
+        loss = loss + (h * gh).sum()
+    # C (and D, z) do not reach the last state: a None gradient becomes zeros
+    return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True,
+                                                materialize_grads=True)))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("l", [1, 5, 64, 300, 1000])
+def test_gradients_match_reference(l, layout, dtype, tol):
+    kw = make_inputs(2, 3, 4, l, *layout, dtype=dtype, seed=100 + l)
+    g = torch.Generator().manual_seed(l)
+    # torch.randn(shape), never randn_like: y may be a transposed view and randn_like follows strides
+    gy = torch.randn((2, 3, l), generator=g, dtype=dtype)
+    gh = torch.randn((2, 3, 4), generator=g, dtype=dtype)
+    g_fn, g_ref = grads_of(selective_scan_fn, kw, gy, gh), grads_of(selective_scan_ref, kw, gy, gh)
+    assert set(g_fn) == {"u", "delta", "A", "B", "C", "D", "z", "delta_bias"}
+    for k in g_ref:
+        assert g_fn[k].shape == kw[k].shape and g_fn[k].dtype == dtype
+        assert rel_err(g_fn[k], g_ref[k]) < tol, (k, rel_err(g_fn[k], g_ref[k]))
+
+
+@pytest.mark.parametrize("upstream", ["y-only", "state-only"])
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1]], ids=LAYOUT_IDS[:2])
+def test_gradients_one_upstream(upstream, layout):
+    """Only y, or only the last state, reaches the loss (the other gradient arrives as None / zeros)."""
+    kw = make_inputs(2, 3, 4, 77, *layout, dtype=torch.float64, seed=9)
+    g = torch.Generator().manual_seed(0)
+    gy = torch.randn((2, 3, 77), generator=g, dtype=torch.float64) if upstream == "y-only" else None
+    gh = torch.randn((2, 3, 4), generator=g, dtype=torch.float64) if upstream == "state-only" else None
+    if upstream == "state-only":    # D and z do not reach the state: leave them out
+        kw["D"] = kw["z"] = None
+    g_fn, g_ref = grads_of(selective_scan_fn, kw, gy, gh), grads_of(selective_scan_ref, kw, gy, gh)
+    for k in g_ref:
+        assert rel_err(g_fn[k], g_ref[k]) < 1e-10, k
+
+
+def test_gradients_without_last_state():
+    """The usual training call: return_last_state=False, loss on y only."""
+    kw = make_inputs(2, 3, 4, 200, True, True, dtype=torch.float64, seed=4)
+    results = []
+    for scan in (selective_scan_fn, selective_scan_ref):
+        leaves = {k: v.clone().requires_grad_() for k, v in tensors(kw).items()}
+        y = scan(**(kw | leaves))
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        results.append(torch.autograd.grad((y * gy).sum(), list(leaves.values())))
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("l", [1, 7])   # l = 7: two chunks of four steps, one of them padding
+def test_gradcheck(l, layout):
+    kw = make_inputs(2, 3, 2, l, *layout, dtype=torch.float64, seed=l)
+    names = list(tensors(kw))
+
+    def f(*xs):
+        return selective_scan_fn(**dict(zip(names, xs)), delta_softplus=True, return_last_state=True)
+
+    inputs = tuple(kw[k].clone().requires_grad_() for k in names)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+# ---- 4. the one-step update -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_state_update_reproduces_scan(layout, dtype):
+    b, d, n, l = 2, 3, 4, 40
+    kw = make_inputs(b, d, n, l, *layout, dtype=dtype, seed=21)
+    y_ref, h_ref = selective_scan_ref(**kw, return_last_state=True)
+    state = torch.zeros(b, d, n, dtype=dtype)
+    ys = []
+    for t in range(l):
+        B_t = kw["B"][:, :, t] if layout[0] else kw["B"][None]
+        C_t = kw["C"][:, :, t] if layout[1] else kw["C"][None]
+        state, y_t = selective_state_update(state, kw["u"][:, :, t], kw["delta"][:, :, t], kw["A"], B_t, C_t,
+                                            D=kw["D"], z=kw["z"][:, :, t], delta_bias=kw["delta_bias"],
+                                            delta_softplus=True)
+        assert state.shape == (b, d, n) and state.dtype == dtype and y_t.shape == (b, d) and y_t.dtype == dtype
+        ys.append(y_t)
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    assert rel_err(torch.stack(ys, -1), y_ref) < tol
+    assert rel_err(state, h_ref) < tol
+    if dtype == torch.float64:
+        y_true, h_true = truth(**kw)
+        assert rel_err(torch.stack(ys, -1), y_true) < 1e-12 and rel_err(state, h_true) < 1e-12
+
+
+def test_state_update_after_prefill():
+    """Prefill with the fast scan, then continue one step at a time: same as scanning everything at once."""
+    kw = make_inputs(2, 3, 4, 30, True, True, seed=8)
+    y_all, h_all = selective_scan_fn(**kw, return_last_state=True)
+    first = {k: v[..., :20] if k in ("u", "delta", "z", "B", "C") else v for k, v in kw.items()}
+    y_pre, state = selective_scan_fn(**first, return_last_state=True)
+    ys = [y_pre]
+    for t in range(20, 30):
+        state, y_t = selective_state_update(state, kw["u"][..., t], kw["delta"][..., t], kw["A"], kw["B"][..., t],
+                                            kw["C"][..., t], D=kw["D"], z=kw["z"][..., t],
+                                            delta_bias=kw["delta_bias"], delta_softplus=True)
+        ys.append(y_t[..., None])
+    assert rel_err(torch.cat(ys, -1), y_all) < 1e-6 and rel_err(state, h_all) < 1e-6
+
+
+# ---- 5. dtypes and autocast -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SCANS)
+def test_float64_stays_float64(name):
+    kw = make_inputs(2, 3, 4, 500, True, False, dtype=torch.float64, seed=13)
+    y, h = SCANS[name](**kw, return_last_state=True)
+    assert y.dtype == h.dtype == torch.float64
+    y_true, h_true = truth(**kw)
+    assert rel_err(y, y_true) < 1e-12 and rel_err(h, h_true) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", SCANS)
+def test_half_inputs_computed_in_float32(name, dtype):
+    kw = make_inputs(2, 3, 4, 300, True, True, dtype=dtype, seed=17)
+    y, h = SCANS[name](**kw, return_last_state=True)
+    assert y.dtype == dtype and h.dtype == torch.float32
+    as32 = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    y32, h32 = SCANS[name](**as32, return_last_state=True)
+    assert torch.equal(y, y32.to(dtype)) and torch.equal(h, h32)
+    # and the float32 computation is accurate: the half result only loses the final rounding
+    y_true, _ = truth(**as32)
+    assert rel_err(y32, y_true) < 1e-5
+
+
+def test_state_update_half_inputs():
+    kw = make_inputs(2, 3, 4, 1, True, True, dtype=torch.bfloat16, seed=19)
+    state = torch.randn(2, 3, 4)
+    args = (kw["u"][..., 0], kw["delta"][..., 0], kw["A"], kw["B"][..., 0], kw["C"][..., 0])
+    new_state, y = selective_state_update(state, *args, D=kw["D"], z=kw["z"][..., 0])
+    assert new_state.dtype == torch.float32 and y.dtype == torch.bfloat16
+    s32, y32 = selective_state_update(state, *(a.float() for a in args), D=kw["D"].float(), z=kw["z"][..., 0].float())
+    assert torch.equal(new_state, s32) and torch.equal(y, y32.to(torch.bfloat16))
+    # the new state keeps the state's dtype, whatever the inputs' (here a bfloat16 cache, float32 inputs)
+    s16, _ = selective_state_update(state.bfloat16(), *(a.float() for a in args))
+    s32, _ = selective_state_update(state.bfloat16().float(), *(a.float() for a in args))
+    assert s16.dtype == torch.bfloat16 and torch.equal(s16, s32.bfloat16())
+
+
+@pytest.mark.parametrize("backward_inside", [False, True])
+def test_autocast_bfloat16(backward_inside):
+    """Under CPU autocast the fast scan (which uses matmul) still computes, and differentiates, in float32."""
+    kw = make_inputs(2, 3, 4, 300, True, False, seed=23)
+    gy = torch.randn((2, 3, 300), generator=torch.Generator().manual_seed(0))
+    leaves = {k: v.clone().requires_grad_() for k, v in tensors(kw).items()}
+    y32 = selective_scan_fn(**(kw | leaves))
+    g32 = torch.autograd.grad((y32 * gy).sum(), list(leaves.values()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = selective_scan_fn(**(kw | leaves))
+        if backward_inside:
+            g = torch.autograd.grad((y * gy).sum(), list(leaves.values()))
+    if not backward_inside:
+        g = torch.autograd.grad((y * gy).sum(), list(leaves.values()))
+    assert y.dtype == torch.float32
+    assert rel_err(y, y32) < 1e-6
+    for k, a, b in zip(leaves, g, g32):
+        assert a.dtype == torch.float32 and rel_err(a, b) < 1e-6, k
+
+
+# ---- 6. memory grows linearly with l ----------------------------------------------------------------------
+#
+# Two behavioural measures (no timing):
+#   saved:     bytes of the distinct storages autograd keeps for backward (saved-tensor hooks);
+#   allocated: bytes of every fresh tensor created while backward runs (a dispatch mode sees every op).
+# Linear memory gives a ratio of ~4 between l = 2048 and l = 512; a quadratic term gives ~16. The
+# controls below run two quadratic implementations through the same measures to show they would fail.
+
+class AllocatedBytes(TorchDispatchMode):
+    """Sums the sizes of the tensors that ops return fresh (not views, not in-place, not out=)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for ret, o in zip(func._schema.returns, outs):
+            if isinstance(o, torch.Tensor) and ret.alias_info is None:
+                self.total += o.untyped_storage().nbytes()
+        return out
+
+
+def memory_of(scan, l, b=1, d=8, n=4):
+    """(saved bytes, bytes allocated by backward) for one forward + backward at length l."""
+    g = torch.Generator().manual_seed(0)
+    leaves = dict(u=torch.randn(b, d, l, generator=g), delta=torch.rand(b, d, l, generator=g),
+                  A=-torch.rand(d, n, generator=g) - 0.5,
+                  B=torch.randn(b, n, l, generator=g), C=torch.randn(b, n, l, generator=g))
+    leaves = {k: v.requires_grad_() for k, v in leaves.items()}
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = scan(**leaves)
+    gy = torch.randn(y.shape, generator=g)
+    with AllocatedBytes() as mode:
+        torch.autograd.grad((y * gy).sum(), list(leaves.values()))
+    return sum(storages.values()), mode.total
+
+
+def sliced_loop_scan(u, delta, A, B, C):
+    """The pitfall of the issue: indexing x[:, :, t] makes backward allocate a full-size gradient per step."""
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[-1]):
+        dt = delta[:, :, t, None]
+        h = torch.exp(dt * A) * h + dt * B[:, None, :, t] * u[:, :, t, None]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    return torch.stack(ys, -1)
+
+
+def quadratic_scan(u, delta, A, B, C):
+    """The closed form h_t = Σ_{s<=t} exp(A Σ_{s<r<=t} Δ_r) Δ_s B_s u_s: an (l, l) kernel, kept for backward."""
+    l = u.shape[-1]
+    cs = (delta[:, :, None, :] * A[:, :, None]).cumsum(-1)                 # (b, d, n, l)
+    segment = cs[..., :, None] - cs[..., None, :]                          # (b, d, n, t, s)
+    causal = torch.ones(l, l, dtype=torch.bool).tril()
+    kernel = torch.exp(segment.masked_fill(~causal, -math.inf))
+    x = (delta * u)[:, :, None, :] * B[:, None]                            # (b, d, n, l)
+    h = (kernel * x[..., None, :]).sum(-1)
+    return (h * C[:, None]).sum(2)
+
+
+def test_quadratic_controls_are_scans():
+    """The two controls compute the same scan: they differ from the fast path only in memory."""
+    kw = make_inputs(1, 8, 4, 50, True, True, D=False, z=False, bias=False, softplus=False)
+    y_true, _ = truth(**kw)
+    assert rel_err(sliced_loop_scan(**tensors(kw)), y_true) < 1e-5
+    assert rel_err(quadratic_scan(**tensors(kw)), y_true) < 1e-5
+
+
+def test_memory_linear_in_length():
+    saved_512, alloc_512 = memory_of(selective_scan_fn, 512)
+    saved_2048, alloc_2048 = memory_of(selective_scan_fn, 2048)
+    # at least the (b, d, n, l) float32 states, so the measure sees what matters
+    assert saved_512 >= 512 * 8 * 4 * 4
+    assert 3.5 <= saved_2048 / saved_512 <= 4.5, saved_2048 / saved_512
+    assert 3.5 <= alloc_2048 / alloc_512 <= 4.5, alloc_2048 / alloc_512
+    # and no more than the plain loop keeps (the reference slices with unbind: linear too)
+    ref_512, _ = memory_of(selective_scan_ref, 512)
+    ref_2048, _ = memory_of(selective_scan_ref, 2048)
+    assert saved_512 <= ref_512 and saved_2048 <= ref_2048, (saved_512, ref_512, saved_2048, ref_2048)
+
+
+def test_memory_measures_catch_quadratic():
+    """The same measures, 4x the length: a quadratic implementation shows a ratio far above 4.5."""
+    saved_64, _ = memory_of(quadratic_scan, 64)
+    saved_256, _ = memory_of(quadratic_scan, 256)
+    assert saved_256 / saved_64 > 10, saved_256 / saved_64
+    _, alloc_128 = memory_of(sliced_loop_scan, 128)
+    _, alloc_512 = memory_of(sliced_loop_scan, 512)
+    assert alloc_512 / alloc_128 > 10, alloc_512 / alloc_128
+
+
+# ---- 7. the reference by hand -----------------------------------------------------------------------------
+
+def test_reference_by_hand():
+    """d = n = 1, l = 2, selective B, C. Step by step:
+        Δ = (0.5, 1), A = -2, u = (1, 2), B = (3, -1), C = (4, 0.5), D = 0.5
+        h1 = exp(-1) * 0 + 0.5 * 3 * 1             = 1.5
+        y1 = 4 * 1.5 + 0.5 * 1                     = 6.5
+        h2 = exp(-2) * 1.5 + 1 * (-1) * 2          = 1.5 e^-2 - 2
+        y2 = 0.5 * (1.5 e^-2 - 2) + 0.5 * 2        = 0.75 e^-2
+    and with the gate z = (2, -1): y * z * sigmoid(z).
+    """
+    u = torch.tensor([[[1.0, 2.0]]], dtype=torch.float64)
+    delta = torch.tensor([[[0.5, 1.0]]], dtype=torch.float64)
+    A = torch.tensor([[-2.0]], dtype=torch.float64)
+    B = torch.tensor([[[3.0, -1.0]]], dtype=torch.float64)
+    C = torch.tensor([[[4.0, 0.5]]], dtype=torch.float64)
+    D = torch.tensor([0.5], dtype=torch.float64)
+    z = torch.tensor([[[2.0, -1.0]]], dtype=torch.float64)
+    h2 = 1.5 * math.exp(-2) - 2
+    for scan in SCANS.values():
+        y, h = scan(u, delta, A, B, C, D=D, return_last_state=True)
+        assert y.flatten().tolist() == pytest.approx([6.5, 0.75 * math.exp(-2)], rel=1e-14)
+        assert h.item() == pytest.approx(h2, rel=1e-14)
+        y = scan(u, delta, A, B, C, D=D, z=z)
+        silu = [2 / (1 + math.exp(-2)), -1 / (1 + math.exp(1))]
+        assert y.flatten().tolist() == pytest.approx([6.5 * silu[0], 0.75 * math.exp(-2) * silu[1]], rel=1e-14)
+
+
+def test_reference_by_hand_softplus_time_invariant():
+    """Δ = softplus(0 + 0) = log 2 at both steps, A = -1, B = 3, C = 2 (fixed), u = (1, 1), no D:
+        h1 = log2 * 3                 y1 = 6 log2
+        h2 = e^-log2 h1 + 3 log2      = 1.5 log2 + 3 log2 = 4.5 log2,   y2 = 9 log2
+    """
+    u = torch.ones(1, 1, 2, dtype=torch.float64)
+    delta = torch.zeros(1, 1, 2, dtype=torch.float64)
+    A, B, C = (torch.tensor([[v]], dtype=torch.float64) for v in (-1.0, 3.0, 2.0))
+    for scan in SCANS.values():
+        y, h = scan(u, delta, A, B, C, delta_bias=torch.zeros(1, dtype=torch.float64), delta_softplus=True,
+                    return_last_state=True)
+        assert y.flatten().tolist() == pytest.approx([6 * math.log(2), 9 * math.log(2)], rel=1e-14)
+        assert h.item() == pytest.approx(4.5 * math.log(2), rel=1e-14)
+
+
+def test_truth_helper_by_hand():
+    """The test's own truth on the first hand case, so that it too is checked independently."""
+    y, h = truth(torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[0.5, 1.0]]]), torch.tensor([[-2.0]]),
+                 torch.tensor([[[3.0, -1.0]]]), torch.tensor([[[4.0, 0.5]]]), D=torch.tensor([0.5]))
+    assert y.flatten().tolist() == pytest.approx([6.5, 0.75 * math.exp(-2)], rel=1e-7)
+    assert h.item() == pytest.approx(1.5 * math.exp(-2) - 2, rel=1e-7)
