@@ -1,0 +1,227 @@
+"""Benchmark training: tokens/s and model FLOPs utilisation (MFU), ours vs mambapy vs a GPT-2 of the same size.
+
+    python bench/bench_train.py                                     # d_model 256, 4 layers, batch 8 x 256, CPU
+    python bench/bench_train.py --device cuda                       # bf16 autocast, the scan in float32
+    python bench/bench_train.py --steps 3 --warmup 1                # a smoke check
+
+One training step = forward, cross-entropy over every position, backward, AdamW step (lr 3e-4, weight decay 0.1
+on every parameter, PyTorch's default foreach implementation for all three models), on one fixed batch of random
+token ids. The step time is the median over --steps steps after --warmup untimed ones (synchronised on CUDA);
+tokens/s = batch * seq / step time. Every model trains in a fresh subprocess, so its peak memory is its own: on
+CPU the growth of the resident set (VmHWM, reset before the first step) during the first step, on CUDA
+torch.cuda.max_memory_allocated above what model, optimizer and batch held before it. The models, seeded alike:
+    ours         MambaLM (model.py), its fast scan and custom backward.
+    mambapy      mambapy's Mamba (pscan=True: its parallel Blelloch scan) between an embedding and a tied lm_head,
+                 our size (bench_generate.MambapyLM).
+    transformer  bench_generate.GPT (GPT-2 layout, F.scaled_dot_product_attention, learned positions for seq),
+                 same d_model, with the number of layers that brings its parameter count closest to ours
+                 (--tf-layers overrides); both counts are printed.
+
+Model FLOPs per token of a training step (the PaLM paper's "model FLOPs": a multiply-add is 2 FLOPs, backward
+costs twice the forward, recomputation is not counted, norms and activations are left out):
+    Mamba:        6 * P_mm + n_layer * 3 * (2 E k + 9 E N)
+        P_mm = n_layer * (d 2E + E (R + 2N) + R E + E d) + V d   weights of in_proj, x_proj, dt_proj, out_proj
+                                                                 and the (tied) lm_head; the embedding is a lookup
+        2 E k     the depthwise convolution (E = d_inner channels, k = d_conv taps), forward
+        9 E N     the selective scan, forward, per token: exp(Δ A), Δ B u, the state update h = Ā h + B̄ u and the
+                  readout C h over the E x N state; 9 per state element is the count the official kernels'
+                  authors give (state-spaces/mamba issue 110)
+    Transformer:  6 * P_mm + 12 * n_layer * d * seq   with P_mm = n_layer * 12 d^2 + V d (qkv, proj, MLP, lm_head);
+                  12 n_layer d seq is attention's q k^T and weights @ v at every position, forward and backward,
+                  counted over the full seq x seq square as PaLM and nanoGPT do (causal attention needs half).
+MFU = FLOPs per token * tokens/s / the matmul rate measured in the same run: the median of --mm-repeats timed
+torch.mm of two --mm-size square matrices (2 n^3 FLOPs; n = 2048 on CPU, 8192 on CUDA), float32 on CPU,
+bfloat16 under bf16 autocast.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+from bench_generate import GPT, MambapyLM, sync  # noqa: E402  (the baselines are defined once, there)
+from model import MambaConfig, MambaLM, param_count  # noqa: E402
+
+MODELS = ("ours", "mambapy", "transformer")
+
+
+def mamba_flops_per_token(c: MambaConfig):
+    """Model FLOPs of one training token for a Mamba of config c (accounting in the module docstring)."""
+    E, N, R, d = c.d_inner, c.d_state, c.dt_rank_value, c.d_model
+    matmul_params = c.n_layer * (d * 2 * E + E * (R + 2 * N) + R * E + E * d) + c.padded_vocab_size * d
+    return 6 * matmul_params + c.n_layer * 3 * (2 * E * c.d_conv + 9 * E * N)
+
+
+def transformer_flops_per_token(gpt: GPT, seq):
+    return 6 * gpt.matmul_params() + 12 * gpt.n_layer * gpt.d_model * seq
+
+
+def mamba_config(args):
+    return MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab)
+
+
+def padded_vocab(args):
+    return mamba_config(args).padded_vocab_size
+
+
+def transformer_layers(args):
+    """--tf-layers, or the depth whose parameter count is closest to our model's (counted on the meta device)."""
+    if args.tf_layers:
+        return args.tf_layers
+    target = param_count(mamba_config(args))
+    with torch.device("meta"):
+        sizes = {n: GPT(args.d_model, n, padded_vocab(args), args.seq).num_params()
+                 for n in range(1, 4 * args.n_layer + 1)}
+    return min(sizes, key=lambda n: abs(sizes[n] - target))
+
+
+def build(name, args):
+    """(model, FLOPs per training token) on args.device, in train mode."""
+    torch.manual_seed(0)
+    if name == "transformer":
+        model = GPT(args.d_model, transformer_layers(args), padded_vocab(args), args.seq)
+        flops = transformer_flops_per_token(model, args.seq)
+    else:
+        model = MambaLM(mamba_config(args)) if name == "ours" else MambapyLM(args.d_model, args.n_layer, args.vocab)
+        flops = mamba_flops_per_token(mamba_config(args))
+    return model.to(args.device).train(), flops
+
+
+def rss_bytes(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def measure_one(name, args):
+    """Runs in the subprocess: median step seconds, peak extra MiB, parameters and FLOPs/token of one model."""
+    model, flops = build(name, args)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g).to(args.device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
+            logits = model(x)
+        F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(args.device)
+
+    if args.device == "cuda":
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = rss_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:                      # reset VmHWM
+            f.write("5")
+    step()
+    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else rss_bytes("VmHWM")
+    for _ in range(args.warmup - 1):
+        step()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"s": statistics.median(times), "mb": max(peak - base, 0) / 2**20, "flops_per_token": flops,
+            "params": sum(p.numel() for p in model.parameters()),
+            "layers": model.n_layer if name == "transformer" else args.n_layer}
+
+
+def matmul_rate(args):
+    """FLOP/s of a square torch.mm, median of --mm-repeats after a warm-up: the ceiling MFU is measured against."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    a, b = (torch.randn(args.mm_size, args.mm_size, device=args.device).to(dtype) for _ in range(2))
+    times = []
+    for _ in range(args.mm_repeats + 1):
+        sync(args.device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(args.device)
+        times.append(time.perf_counter() - t0)
+    return 2 * args.mm_size ** 3 / statistics.median(times[1:])
+
+
+def run_one(name, args):
+    """measure_one in a fresh interpreter with the same settings."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", name]
+    for key in ("d_model", "n_layer", "vocab", "batch", "seq", "steps", "warmup", "device", "precision",
+                "threads", "tf_layers"):
+        value = getattr(args, key)
+        if value is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"error: {name} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1: it measures memory)")
+    p.add_argument("--tf-layers", type=int, help="Transformer depth (default: the closest parameter count)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("auto", "float32", "bf16"), default="auto",
+                   help="bf16: bfloat16 autocast over float32 weights; auto: bf16 on cuda, float32 on cpu")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--mm-size", type=int, help="side of the matrices timing the matmul rate (default: 2048 on "
+                   "CPU, 8192 on CUDA, where a smaller product is too short to time)")
+    p.add_argument("--mm-repeats", type=int, default=5)
+    p.add_argument("--json", help="write every figure here")
+    p.add_argument("--one", choices=MODELS, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.bf16 = args.precision == "bf16" or (args.precision == "auto" and args.device == "cuda")
+    args.warmup = max(args.warmup, 1)
+    args.mm_size = args.mm_size or (8192 if args.device == "cuda" else 2048)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(measure_one(args.one, args)))
+        return
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    precision = "bf16 autocast" if args.bf16 else "float32"
+    rate = matmul_rate(args)
+    print(f"training, d_model {args.d_model}, {args.n_layer} layers, vocabulary {args.vocab}, batch {args.batch} x "
+          f"{args.seq}, AdamW, {precision}, {device}, torch {torch.__version__}, median of {args.steps} steps")
+    print(f"matmul rate ({precision.split()[0]} torch.mm {args.mm_size}^3): {rate / 1e9:.1f} GFLOP/s\n")
+    print("| model | parameters | step (ms) | tokens/s | MFLOP/token | GFLOP/s | MFU | peak memory |")
+    print("|---|---|---|---|---|---|---|---|")
+    results = {}
+    for name in args.models.split(","):
+        r = results[name] = run_one(name, args)
+        r["tokens_per_s"] = args.batch * args.seq / r["s"]
+        r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / rate
+        label = f"transformer ({r['layers']} layer{'s' * (r['layers'] > 1)})" if name == "transformer" else name
+        print(f"| {label} | {r['params']:,} | {r['s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | "
+              f"{r['flops_per_token'] / 1e6:.1f} | {r['flops_per_token'] * r['tokens_per_s'] / 1e9:.2f} | "
+              f"{r['mfu']:.1%} | {r['mb']:.0f} MB |", flush=True)
+
+    ratios = {f"ours / {other} tokens/s": results["ours"]["tokens_per_s"] / results[other]["tokens_per_s"]
+              for other in ("mambapy", "transformer") if {"ours", other} <= results.keys()}
+    print("\nratios (x = times):")
+    for name, value in ratios.items():
+        target = " (target >= 4)" if "mambapy" in name else ""
+        print(f"- {name}: {value:.2f}x{target}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"matmul_flops": rate, "models": results, "ratios": ratios}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""bench/: each benchmark script runs end to end at a tiny size, printing its markdown table and finite ratios, and
+the baselines of bench_generate.py decode with their caches exactly as their full forward computes.
+
+The figures themselves are the lead's to measure on a quiet machine (README "Performance"); these only keep the
+scripts working as model.py, transformers and mambapy change under them.
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_generate import build_models, decoder  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY = ["--d-model", "32", "--n-layer", "2", "--threads", "1"]
+
+
+def run(script, *args):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), *TINY, *args], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def printed_ratios(stdout):
+    """The values of the '- name: 1.23x' lines under 'ratios'."""
+    return [float(v) for v in re.findall(r"^- .*: (\S+)x", stdout.split("ratios")[1], re.MULTILINE)]
+
+
+def check_ratios(stdout, saved, expected):
+    values = printed_ratios(stdout)
+    assert len(values) == len(saved) == expected, stdout
+    assert all(math.isfinite(v) and v > 0 for v in [*values, *saved]), stdout
+
+
+def test_bench_generate_prints_per_token_and_prefill_tables(tmp_path):
+    stdout = run("bench_generate.py", "--contexts", "16,48", "--steps", "3", "--warmup", "1", "--full-steps", "1",
+                 "--prefill-len", "24", "--repeats", "1", "--png", str(tmp_path / "g.png"),
+                 "--json", str(tmp_path / "g.json"))
+    saved = json.loads((tmp_path / "g.json").read_text())
+    assert "| context | ours: recurrent step (ms/token) |" in stdout
+    assert [r["context"] for r in saved["per_token_ms"]] == [16, 48]
+    assert re.search(r"^\| 48 \|( [0-9.]+ \|){4}$", stdout, re.MULTILINE), stdout
+    # ours@48 / ours@16, transformer, full and hf over ours at 48, and hf / ours over the contexts
+    check_ratios(stdout, list(saved["ratios"].values()), 5)
+    assert set(saved["prefill_s"]) == {"ours", "hf", "mambapy", "transformer"}
+    assert "| mambapy: LM step per token |" in stdout
+    assert (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_bench_train_prints_tokens_per_second_and_mfu(tmp_path):
+    stdout = run("bench_train.py", "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1",
+                 "--mm-size", "256", "--mm-repeats", "2", "--json", str(tmp_path / "t.json"))
+    saved = json.loads((tmp_path / "t.json").read_text())
+    for name in ("ours", "mambapy", "transformer"):
+        assert re.search(rf"^\| {name}( \(\d+ layers?\))? \| [\d,]+ \| [0-9.]+ \| \d+ \|.*% \| \d+ MB \|$", stdout,
+                         re.MULTILINE), stdout
+        assert 0 < saved["models"][name]["mfu"] < math.inf
+    assert saved["models"]["ours"]["params"] == saved["models"]["mambapy"]["params"]   # the same size
+    check_ratios(stdout, list(saved["ratios"].values()), 2)
+
+
+def test_cached_decoding_of_the_baselines_matches_their_full_forward():
+    """The per-token timings mean something only if the cached paths compute what the full forward does."""
+    args = SimpleNamespace(d_model=32, n_layer=2, vocab=256, device="cpu", bf16=False)
+    models = build_models(args, n_ctx=32, names={"transformer", "hf"})
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    full = {"transformer": lambda: models["transformer"](ids)[:, -1], "hf": lambda: models["hf"](ids).logits[:, -1]}
+    with torch.inference_mode():
+        for name in ("transformer", "hf"):
+            start, step = decoder(name, models, args)
+            logits, state = start(ids[:, :9])
+            for t in range(9, 12):
+                logits, state = step(ids[:, t], state, t)
+            torch.testing.assert_close(logits, full[name](), atol=1e-5, rtol=1e-5)
