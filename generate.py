@@ -31,9 +31,9 @@ SEPARATOR = "\n" + "-" * 40 + "\n"  # printed between samples
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Sample text from a baby_mamba checkpoint or a pretrained Mamba.")
-    model = parser.add_mutually_exclusive_group()
-    model.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by main.py (default: out/ckpt.pt)")
-    model.add_argument("--pretrained", metavar="DIR_OR_NAME",
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by main.py (default: out/ckpt.pt)")
+    weights.add_argument("--pretrained", metavar="DIR_OR_NAME",
                        help="a published Mamba instead: a local directory or a hub name such as "
                             "state-spaces/mamba-130m-hf, with its tokenizer.json")
     source = parser.add_mutually_exclusive_group()
@@ -77,8 +77,10 @@ def read_prompt(args) -> str:
 def text_pieces(tokenizer, token_ids):
     """The text of each token as soon as it can be printed. Byte tokens are fed to an incremental
     UTF-8 decoder, which holds back the first bytes of a multi-byte character until it is whole
-    (and prints U+FFFD for a sequence that can never be valid, as decoding all at once would)."""
-    if tokenizer.unit == "token":  # a tokenizers BPE: its tokens may split characters too
+    (and prints U+FFFD for a sequence that can never be valid, as decoding all at once would).
+    A tokenizer.json's byte-level BPE tokens can split a character too: tokenizers' DecodeStream
+    holds them back the same way."""
+    if tokenizer.unit == "token":
         yield from tokenizer.decode_stream(token_ids)
     elif tokenizer.unit == "byte":  # the byte tokenizer's ids are the byte values
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -6,6 +6,8 @@ field's annotation is its key's type (bool, int, float, str, ``int | str``, ``Li
 its default the key's default, and ``metadata["doc"]`` its documentation. Value checks (d_state > 0,
 lr > 0, ...) live in the dataclasses' ``__post_init__``; this file only points each failure at the
 line of the file, or the ``--set``, it came from. ``vocab_size`` is not a key: the tokenizer decides it.
+With ``[model] init_from`` (fine-tuning), the pretrained config.json gives the architecture (d_model and
+n_layer are then not required) and its tokenizer replaces ``[data] tokenizer``.
 
 Every mistake (unknown section or key, wrong type, impossible value, missing file, unusable data
 source) is reported as one line on stderr with exit status 2, never a traceback.

@@ -15,6 +15,9 @@ Several processes (``torchrun``): each holds a replica (DistributedDataParallel 
 gradients), draws its own batches (generator seeded with seed + rank) and evaluates its share of
 the validation batches; only rank 0 writes files and prints.
 
+Fine-tuning ([model] init_from = a pretrained directory or hub name, see pretrained.py): the model
+takes that checkpoint's architecture and weights, and the corpus is encoded with its tokenizer.
+
 Exit status: 0 done; 1 the loss became NaN/Inf (nothing saved, the last checkpoint stays);
 2 bad input (e.g. --resume without a checkpoint); 130 interrupted (SIGINT/SIGTERM), after saving.
 """
@@ -63,15 +66,15 @@ class TrainConfig:
     batch_size: int = _field(16, "sequences per micro-batch, per process")
     seq_len: int = _field(256, "tokens per training sequence")
     grad_accum: int = _field(1, "micro-batches whose gradients add up to one optimizer step")
-    max_steps: int = _field(1000, "optimizer steps to train for")
+    max_steps: int = _field(400, "optimizer steps to train for")
     lr: float = _field(3e-3, "peak learning rate, reached at the end of warm-up")
     min_lr: float = _field(3e-4, "floor of the cosine decay, reached at max_steps")
-    warmup_steps: int = _field(100, "steps of linear learning-rate warm-up")
+    warmup_steps: int = _field(40, "steps of linear learning-rate warm-up")
     weight_decay: float = _field(0.1, "AdamW weight decay, applied to matrices only")
     beta1: float = _field(0.9, "AdamW beta1")
     beta2: float = _field(0.95, "AdamW beta2")
     grad_clip: float = _field(1.0, "clip the gradient's global norm to this (0: no clipping)")
-    eval_interval: int = _field(100, "steps between evaluations")
+    eval_interval: int = _field(50, "steps between evaluations")
     eval_batches: int = _field(20, "size of the fixed set of validation batches")
     log_interval: int = _field(10, "steps between progress-bar updates")
     ckpt_interval: int = _field(100, "steps between checkpoints (one is also written at the end)")
