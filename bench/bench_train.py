@@ -47,6 +47,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 from bench_generate import GPT, MambapyLM, sync  # noqa: E402  (the baselines are defined once, there)
+from bench_scan import first_run_peak  # noqa: E402
 from model import MambaConfig, MambaLM, param_count  # noqa: E402
 
 MODELS = ("ours", "mambapy", "transformer")
@@ -94,11 +95,6 @@ def build(name, args):
     return model.to(args.device).train(), flops
 
 
-def rss_bytes(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
-
-
 def measure_one(name, args):
     """Runs in the subprocess: median step seconds, peak extra MiB, parameters and FLOPs/token of one model."""
     model, flops = build(name, args)
@@ -115,15 +111,7 @@ def measure_one(name, args):
         opt.zero_grad(set_to_none=True)
         sync(args.device)
 
-    if args.device == "cuda":
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = rss_bytes("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:                      # reset VmHWM
-            f.write("5")
-    step()
-    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else rss_bytes("VmHWM")
+    peak = first_run_peak(step, args.device)
     for _ in range(args.warmup - 1):
         step()
     times = []
@@ -131,7 +119,7 @@ def measure_one(name, args):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"s": statistics.median(times), "mb": max(peak - base, 0) / 2**20, "flops_per_token": flops,
+    return {"s": statistics.median(times), "mb": peak / 2**20, "flops_per_token": flops,
             "params": sum(p.numel() for p in model.parameters()),
             "layers": model.n_layer if name == "transformer" else args.n_layer}
 
