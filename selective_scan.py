@@ -23,9 +23,9 @@ How the fast path works, and why this algorithm (figures: bench/bench_scan.py an
 The recurrence is cheap per element but has l sequential steps, and eager PyTorch pays a fixed
 cost of microseconds per operation. A loop over l (the reference) is therefore slow when b*d is
 small, and autograd through it stores several (b, d, n) tensors per step. A log-depth parallel
-scan (Blelloch as in mambapy's pscan, Hillis-Steele) moves the whole (b, d, n, l) tensor through
-memory 2 log2(l) times, pads l to a power of two and keeps ~10 copies for backward; measured
-here it is 2-6x slower than the loop on CPU. We use a two-level chunked scan instead. The
+scan (Blelloch as in mambapy's pscan, Hillis-Steele) does log2(l) strided passes each way over
+(b, d, n, l) tensors, pads l to a power of two and keeps ~8 full-size copies for backward;
+measured here it is 2-6x slower than the loop on CPU. We use a two-level chunked scan instead. The
 sequence is cut into nc chunks of T steps, and:
   1. every chunk is scanned from a zero state, all chunks at once (a loop of T steps over
      (b, nc, n, d) slabs), to find where each chunk's state would end;

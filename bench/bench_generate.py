@@ -337,8 +337,8 @@ def plot(rows, decoders, path, title):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")                     # the full forward is orders of magnitude above the others
     ax.set_xticks([r["context"] for r in rows], [str(r["context"]) for r in rows])
-    for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-        set_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # labels on every minor tick overlap
     ax.set_xlabel("context (tokens already seen)")
     ax.set_ylabel("ms per new token (median)")
     ax.set_title(title.replace(", batch", ",\nbatch", 1), fontsize=8)
