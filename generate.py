@@ -24,7 +24,7 @@ import time
 import torch
 
 from pretrained import PretrainedError, load_pretrained, read_tokenizer, resolve
-from train import die, load_checkpoint
+from checkpoint import die, load_checkpoint
 
 SEPARATOR = "\n" + "-" * 40 + "\n"  # printed between samples
 

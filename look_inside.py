@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from train import die, load_checkpoint  # noqa: E402
+from checkpoint import die, load_checkpoint  # noqa: E402
 
 DEFAULT_TEXT = ('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n'
                 '    for _ in range(n):\n        a, b = b, a + b\n    return a\n')

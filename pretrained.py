@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import load_checkpoint
 from data import HFTokenizer, Tokenizer
 from model import MambaConfig, MambaLM
 
@@ -275,7 +276,6 @@ def export(ckpt_path, out_dir) -> None:
     """A training checkpoint -> out_dir in the Hugging Face layout, with its tokenizer: tokenizer.json
     for a model fine-tuned from one, else baby_mamba_tokenizer.json (a byte or char tokenizer is no
     Hugging Face tokenizer; generate.py --pretrained and init_from read that file)."""
-    from train import load_checkpoint  # train imports this file: importing it at the top would be a cycle
 
     model, tokenizer, ckpt = load_checkpoint(ckpt_path)
     weights = save_pretrained(model, out_dir)

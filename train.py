@@ -22,10 +22,8 @@ Exit status: 0 done; 1 the loss became NaN/Inf (nothing saved, the last checkpoi
 2 bad input (e.g. --resume without a checkpoint); 130 interrupted (SIGINT/SIGTERM), after saving.
 """
 import csv
-import hashlib
 import math
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -40,12 +38,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DataConfig, Tokenizer, get_batch, load_dataset
+from checkpoint import CKPT_FORMAT, die, model_fingerprint, read_checkpoint, save_checkpoint
+from data import DataConfig, get_batch, load_dataset
 from main import write_config
 from model import MambaConfig, MambaLM
 from pretrained import init_config, load_weights, resolve
 
-CKPT_FORMAT = "baby_mamba/1"  # marks a file as ours; bump when the checkpoint layout changes
 INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT (128 + 2)
 
 
@@ -100,77 +98,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def die(message: str, status: int = 2):
-    """Stop the program with one line on stderr and no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(status)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: one file of plain containers and tensors, so torch.load(weights_only=True) reads it and
-# a file that smuggles in code (any other pickled object) is refused instead of run.
-
-
-def save_checkpoint(ckpt: dict, path) -> None:
-    """Write ``ckpt`` to ``path`` atomically: a temp file in the same folder, fsync, then rename. A
-    crash or a failed write at any point leaves the previous file as it was, never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: the rename stays atomic
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        os.fsync(dir_fd)
-        os.close(dir_fd)
-
-
-def read_checkpoint(path) -> dict:
-    """The checkpoint dict at ``path`` (tensors on the CPU), or exit with one line saying why not."""
-    hint = "pass the path to a file written by main.py"
-    if not Path(path).is_file():
-        die(f"{path}: no such checkpoint file; {hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or holds objects other than tensors and containers
-        die(f"{path} is not a readable checkpoint ({_load_error(e)}); {hint}")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        die(f"{path} is not a baby_mamba checkpoint (no format = {CKPT_FORMAT!r}); {hint}")
-    return ckpt
-
-
-def _load_error(e: Exception) -> str:
-    """The informative sentence of a torch.load error (they run to several paragraphs)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-    detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])
-    prefix = "weights_only refused it: " if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: "
-    return prefix + detail.split(". ")[0][:150].rstrip(".")
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """(model in eval mode on ``map_location``, tokenizer, checkpoint dict) from a file written by train."""
-    ckpt = read_checkpoint(path)
-    model = MambaLM(MambaConfig(**ckpt["config"]["model"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(map_location).eval(), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
-
-
-def model_fingerprint(state_dict: dict) -> str:
-    """SHA-256 of every tensor's bytes: equal fingerprints mean bit-identical weights."""
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        digest.update(name.encode())
-        digest.update(state_dict[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import generate
 import train
 from data import DataConfig
 from model import MambaConfig
-from train import TrainConfig, load_checkpoint
+from checkpoint import load_checkpoint
+from train import TrainConfig
 
 torch.set_num_threads(1)  # the subprocesses use one thread too, so sampling sees the same logits
 ROOT = Path(__file__).resolve().parents[1]

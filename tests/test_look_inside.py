@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import look_inside
-import train
 from data import ByteTokenizer
 from model import MambaConfig, MambaLM
 
@@ -33,10 +33,10 @@ def ckpt(tmp_path_factory):
         for layer in model.backbone.layers:
             layer.mixer.dt_proj.weight.mul_(30)
     path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
-    train.save_checkpoint({  # an empty optimizer state: building AdamW costs seconds and nothing here reads it
-        "format": train.CKPT_FORMAT, "step": 0, "model": model.state_dict(), "optimizer": {},
+    checkpoint.save_checkpoint({  # an empty optimizer state: building AdamW costs seconds and nothing here reads it
+        "format": checkpoint.CKPT_FORMAT, "step": 0, "model": model.state_dict(), "optimizer": {},
         "rng": {"torch": torch.get_rng_state(), "cuda": None}, "data_rng": [torch.Generator().get_state()],
-        "world_size": 1, "replicas": [train.model_fingerprint(model.state_dict())],
+        "world_size": 1, "replicas": [checkpoint.model_fingerprint(model.state_dict())],
         "config": {"model": asdict(config), "data": {}, "training": {}}, "tokenizer": ByteTokenizer().state_dict(),
         "metrics": {}}, path)
     return path
@@ -66,7 +66,7 @@ def run_recurrence(u, delta, A, B, C, D, z):
 
 def test_delta_b_c_are_the_ones_the_models_scan_uses(ckpt, tmp_path):
     result = look_inside.look_inside(ckpt, TEXT, out=tmp_path / "delta.png")
-    model, tokenizer, _ = train.load_checkpoint(ckpt)
+    model, tokenizer, _ = checkpoint.load_checkpoint(ckpt)
     calls = scan_calls(model)
     with torch.no_grad():
         model(torch.tensor([tokenizer.encode(TEXT)]))

@@ -22,7 +22,8 @@ import train
 from data import DataConfig, HFTokenizer, load_dataset
 from model import MambaConfig, MambaLM
 from pretrained import PretrainedError, load_pretrained, read_config, read_tokenizer
-from train import TrainConfig, load_checkpoint
+from checkpoint import load_checkpoint
+from train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}

@@ -4,7 +4,6 @@ import csv
 import importlib.util
 import math
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import train
 from data import DataConfig, load_dataset
 from main import load_config
@@ -78,14 +78,14 @@ def test_training_lowers_the_loss_and_writes_its_files(corpus, tmp_path):
         assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # plain containers and tensors only
-    assert ckpt["format"] == train.CKPT_FORMAT and ckpt["step"] == 40
+    assert ckpt["format"] == checkpoint.CKPT_FORMAT and ckpt["step"] == 40
     assert ckpt["config"]["training"]["max_steps"] == 40 and ckpt["tokenizer"] == {"kind": "byte"}
     model_kwargs, data_cfg, train_cfg = load_config(str(out / "config.ini"))  # the resolved config reads back
     assert data_cfg == corpus and train_cfg == tiny_train(out, max_steps=40, eval_interval=20)
     assert MambaConfig(vocab_size=256, **model_kwargs) == tiny_model()
 
     # Independent check of the logged number: the loaded checkpoint's plain cross-entropy on the same batches.
-    model, tokenizer, _ = train.load_checkpoint(out / "ckpt.pt")
+    model, tokenizer, _ = checkpoint.load_checkpoint(out / "ckpt.pt")
     data = load_dataset(corpus)
     batches = train.fixed_val_batches(data.val, tiny_train(out))
     with torch.no_grad():
@@ -168,26 +168,6 @@ def test_without_matplotlib_there_is_no_plot_and_no_error(tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    train.save_checkpoint({"format": train.CKPT_FORMAT, "step": 1, "w": torch.arange(4.0)}, path)
-    before = path.read_bytes()
-    save = torch.save
-    for error in (OSError(28, "No space left on device"), KeyboardInterrupt()):
-        def save_part_then_fail(obj, f):
-            f.write(b"the first bytes of a checkpoint")
-            raise error
-
-        monkeypatch.setattr(torch, "save", save_part_then_fail)
-        with pytest.raises(type(error)):
-            train.save_checkpoint({"format": train.CKPT_FORMAT, "step": 2, "w": torch.zeros(4)}, path)
-        assert path.read_bytes() == before
-        assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left behind
-    monkeypatch.setattr(torch, "save", save)
-    train.save_checkpoint({"format": train.CKPT_FORMAT, "step": 3}, path)
-    assert torch.load(path, weights_only=True)["step"] == 3 and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
-
-
 def test_learning_rate_schedule_follows_warmup_then_cosine_to_the_floor():
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
     assert train.lr_at(0, cfg) == pytest.approx(1e-4)  # 1/10 of the way up
@@ -246,7 +226,7 @@ def test_two_gloo_processes_under_torchrun_train_one_model(corpus, tmp_path):
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["world_size"] == 2
     # Both replicas ended bit-identical, equal to the saved weights, and read different batches.
-    assert ckpt["replicas"] == [train.model_fingerprint(ckpt["model"])] * 2
+    assert ckpt["replicas"] == [checkpoint.model_fingerprint(ckpt["model"])] * 2
     assert not torch.equal(ckpt["data_rng"][0], ckpt["data_rng"][1])
     rows = read_log(tmp_path / "out")
     assert [r["step"] for r in rows] == ["0", "3", "6"] and float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])
@@ -272,37 +252,3 @@ def test_ctrl_c_in_main_saves_and_exits_130_then_resume_finishes(corpus, tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at step {step}" in resumed.stdout
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step + 2
-
-
-class RunsCode:
-    """Pickles to a call of os.system: what a malicious 'checkpoint' would carry."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_bad_checkpoints_give_one_line_and_code_is_never_run(tmp_path, capsys):
-    good = {"format": train.CKPT_FORMAT, "step": 0}
-    train.save_checkpoint(good, tmp_path / "good.pt")
-    marker = tmp_path / "code_ran"
-    cases = {"missing.pt": None, "garbage.pt": b"not a checkpoint at all",
-             "truncated.pt": (tmp_path / "good.pt").read_bytes()[:40]}
-    for name, content in cases.items():
-        if content is not None:
-            (tmp_path / name).write_bytes(content)
-    torch.save({"format": train.CKPT_FORMAT, "model": RunsCode(marker)}, tmp_path / "code.pt")
-    torch.save({"some": torch.zeros(2)}, tmp_path / "foreign.pt")
-    with open(tmp_path / "pickle.pt", "wb") as f:
-        pickle.dump(RunsCode(marker), f, protocol=2)
-    expect = {"missing.pt": "no such checkpoint file", "garbage.pt": "is not a readable checkpoint",
-              "truncated.pt": "is not a readable checkpoint", "code.pt": "is not a readable checkpoint",
-              "pickle.pt": "is not a readable checkpoint", "foreign.pt": "is not a baby_mamba checkpoint"}
-    for name, words in expect.items():
-        with pytest.raises(SystemExit) as stop:
-            train.load_checkpoint(tmp_path / name)
-        err = one_line_error(capsys)
-        assert stop.value.code == 2 and words in err and "pass the path to a file written by main.py" in err, err
-    assert not marker.exists()
