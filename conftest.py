@@ -8,6 +8,18 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def one_line_error(capsys):
+    """Reads what the code under test printed to stderr, checks it is exactly one `error: ...` line
+    (the project's rule for bad input), and returns it."""
+    def read():
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), err
+        return err
+    return read

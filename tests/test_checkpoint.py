@@ -8,12 +8,6 @@ import torch
 import checkpoint
 
 
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: "), err
-    return err
-
-
 def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     checkpoint.save_checkpoint({"format": checkpoint.CKPT_FORMAT, "step": 1, "w": torch.arange(4.0)}, path)
@@ -44,7 +38,7 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_bad_checkpoints_give_one_line_and_code_is_never_run(tmp_path, capsys):
+def test_bad_checkpoints_give_one_line_and_code_is_never_run(tmp_path, one_line_error):
     good = {"format": checkpoint.CKPT_FORMAT, "step": 0}
     checkpoint.save_checkpoint(good, tmp_path / "good.pt")
     marker = tmp_path / "code_ran"
@@ -63,6 +57,6 @@ def test_bad_checkpoints_give_one_line_and_code_is_never_run(tmp_path, capsys):
     for name, words in expect.items():
         with pytest.raises(SystemExit) as stop:
             checkpoint.load_checkpoint(tmp_path / name)
-        err = one_line_error(capsys)
+        err = one_line_error()
         assert stop.value.code == 2 and words in err and "pass the path to a file written by main.py" in err, err
     assert not marker.exists()

@@ -55,12 +55,6 @@ def read_log(out_dir) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: "), err
-    return err
-
-
 def test_training_lowers_the_loss_and_writes_its_files(corpus, tmp_path):
     out = tmp_path / "run"
     metrics = train.train(tiny_model(), corpus, tiny_train(out, max_steps=40, eval_interval=20))
@@ -126,16 +120,16 @@ def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run_exactly(corp
                for i in a["optimizer"]["state"])
 
 
-def test_resume_refuses_a_missing_or_different_checkpoint(corpus, tmp_path, capsys):
+def test_resume_refuses_a_missing_or_different_checkpoint(corpus, tmp_path, capsys, one_line_error):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
         train.train(tiny_model(), corpus, tiny_train(out), resume=True)
-    assert stop.value.code == 2 and "does not exist" in one_line_error(capsys)
+    assert stop.value.code == 2 and "does not exist" in one_line_error()
     train.train(tiny_model(), corpus, tiny_train(out, max_steps=2))
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         train.train(MambaConfig(d_model=48, n_layer=2, vocab_size=256), corpus, tiny_train(out), resume=True)
-    assert stop.value.code == 2 and "d_model = 32" in one_line_error(capsys)
+    assert stop.value.code == 2 and "d_model = 32" in one_line_error()
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
