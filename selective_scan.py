@@ -157,17 +157,18 @@ def _chunk_inputs(u, delta, B, C, T):
     return _to_chunks(u, T)[..., None, :], _to_chunks(delta, T)[..., None, :], per_step(B), per_step(C)
 
 
-def _sum_n(M, S, out):
-    """out = Σ_n M S, (b, nc, 1, d): S (b, nc, n, d); M (b, nc, n, 1) selective or (1, 1, n, d) fixed."""
-    if M.shape[-1] == 1:
+def _sum_n(M, S, out, selective):
+    """out = Σ_n M S, (b, nc, 1, d): S (b, nc, n, d); M (b, nc, n, 1) selective or (1, 1, n, d) fixed.
+    (The layout is passed, not read off M's shape: with d = 1 the two shapes can coincide.)"""
+    if selective:
         torch.matmul(M.transpose(-1, -2), S, out=out)
     else:
         torch.sum(M * S, -2, keepdim=True, out=out)
 
 
-def _sum_d(S, v, out):
+def _sum_d(S, v, out, selective):
     """out = Σ_d S v, shaped like B's or C's slab (b, nc, n, 1) or (1, 1, n, d); v (b, nc, 1, d)."""
-    if out.shape[-1] == 1:
+    if selective:
         torch.matmul(S, v.transpose(-1, -2), out=out)
     else:
         out.copy_((S * v).sum_to_size(out.shape))
@@ -222,11 +223,11 @@ class _SelectiveScan(torch.autograd.Function):
         for t in range(T):
             h = torch.mul(h, dA[t]) if keep else h.mul_(dA[t])
             h.addcmul_(x[t], Bs[t])
-            _sum_n(Cs[t], h, out=y[t])
+            _sum_n(Cs[t], h, y[t], C.dim() == 3)
             if keep:
                 H.append(h)
         ctx.save_for_backward(u, dt, A, Bs, Cs, starts, *dA, *H)
-        ctx.shapes = B.shape, C.shape
+        ctx.selective = B.dim() == 3, C.dim() == 3
         return _from_chunks(y[..., 0, :], l), h[:, -1].transpose(-1, -2).contiguous()
 
     @staticmethod
@@ -255,22 +256,22 @@ class _SelectiveScan(torch.autograd.Function):
         g_B = u.new_empty((T,) + Bs.shape[1:])
         g_C = u.new_empty((T,) + Cs.shape[1:])
         g_A = torch.zeros_like(starts)
-        At = A.t()
+        At, (sel_B, sel_C) = A.t(), ctx.selective
         for t in reversed(range(T)):
             lam.addcmul_(g[t], Cs[t])               # λ_t
-            _sum_n(Bs[t], lam, out=g_x[t])          # dL/d(Δ_t u_t) = <λ_t, B_t>
-            _sum_d(lam, x[t], out=g_B[t])
-            _sum_d(H[t], g[t], out=g_C[t])
+            _sum_n(Bs[t], lam, g_x[t], sel_B)       # dL/d(Δ_t u_t) = <λ_t, B_t>
+            _sum_d(lam, x[t], g_B[t], sel_B)
+            _sum_d(H[t], g[t], g_C[t], sel_C)
             lam.mul_(dA[t])                         # λ_t exp(Δ_t A): the adjoint flowing to t-1
             torch.mul(lam, H[t - 1] if t else starts, out=w)   # dL/d(Δ_t A), elementwise
             g_A.addcmul_(w, dt[t])
             torch.sum(w.mul_(At), -2, keepdim=True, out=g_dt[t])
         g_dt.addcmul_(g_x, u)                       # Δ also enters through Δ_t u_t
 
-        def unchunk(gS, shape):                     # a per-step slab gradient -> B's or C's shape
-            return _from_chunks(gS[..., 0], l) if len(shape) == 3 else gS.sum((0, 1, 2)).t()
+        def unchunk(gS, selective):                 # a per-step slab gradient -> B's or C's shape
+            return _from_chunks(gS[..., 0], l) if selective else gS.sum((0, 1, 2)).t()
         return (_from_chunks((g_x * dt)[..., 0, :], l), _from_chunks(g_dt[..., 0, :], l),
-                g_A.sum((0, 1)).t(), unchunk(g_B, ctx.shapes[0]), unchunk(g_C, ctx.shapes[1]), None)
+                g_A.sum((0, 1)).t(), unchunk(g_B, sel_B), unchunk(g_C, sel_C), None)
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

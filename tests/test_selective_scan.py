@@ -227,6 +227,19 @@ def test_gradients_match_reference(l, layout, dtype, tol):
         assert rel_err(g_fn[k], g_ref[k]) < tol, (k, rel_err(g_fn[k], g_ref[k]))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("b,d,n", [(2, 1, 4), (1, 1, 1), (1, 3, 1)])
+def test_gradients_degenerate_sizes(b, d, n, layout):
+    """One channel or one state entry: shapes where a fixed (d, n) slab and a selective one coincide."""
+    kw = make_inputs(b, d, n, 37, *layout, dtype=torch.float64, seed=7)
+    g = torch.Generator().manual_seed(7)
+    gy = torch.randn((b, d, 37), generator=g, dtype=torch.float64)
+    gh = torch.randn((b, d, n), generator=g, dtype=torch.float64)
+    g_fn, g_ref = grads_of(selective_scan_fn, kw, gy, gh), grads_of(selective_scan_ref, kw, gy, gh)
+    for k in g_ref:
+        assert rel_err(g_fn[k], g_ref[k]) < 1e-10, (k, rel_err(g_fn[k], g_ref[k]))
+
+
 @pytest.mark.parametrize("upstream", ["y-only", "state-only"])
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1]], ids=LAYOUT_IDS[:2])
 def test_gradients_one_upstream(upstream, layout):
