@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
+def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, A_scale=None):
     """Cast to the compute dtype (float32, float64 stays float64) and make Δ = softplus(Δ + bias)."""
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
@@ -59,7 +59,7 @@ def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
         delta = delta + delta_bias.to(dtype)[..., None]
     if delta_softplus:
         delta = F.softplus(delta)
-    return u, delta, A, B, C
+    return u, delta, A, B, C, None if A_scale is None else A_scale.to(dtype)
 
 
 def _finish(y, u, D, z, out_dtype):
@@ -72,44 +72,50 @@ def _finish(y, u, D, z, out_dtype):
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False):
+                       return_last_state=False, A_scale=None):
     """The sequential definition: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, y_t = <C_t, h_t> + D u_t.
 
     u, delta, z: (b, d, l); A: (d, n), negative; B, C: (d, n) (time-invariant, S4-like) or
     (b, n, l) (selective); D, delta_bias: (d,). Returns y (b, d, l) in u's dtype, and with
     return_last_state also h_l (b, d, n) in the compute dtype.
+    A_scale (not in the official signature): None, or a positive (b, d, l) factor that makes A
+    input-dependent, A_t = A_scale_t A, so the decay is exp(Δ_t A_t) while the input term stays
+    Δ_t B_t u_t (the "selective A" of the paper's section 3.5.2; see model.py).
     """
     out_dtype = u.dtype
-    u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    u, delta, A, B, C, A_scale = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, A_scale)
     b, d, l = u.shape
     # unbind gives every step a view whose gradients autograd gathers in one stack; indexing
     # x[:, :, t] instead would allocate a full-size gradient per step (quadratic backward).
     steps = zip(delta.unbind(-1), u.unbind(-1),
                 [B] * l if B.dim() == 2 else B[:, None].unbind(-1),
-                [C] * l if C.dim() == 2 else C[:, None].unbind(-1))
+                [C] * l if C.dim() == 2 else C[:, None].unbind(-1),
+                delta.unbind(-1) if A_scale is None else (delta * A_scale).unbind(-1))
     h = u.new_zeros(b, d, A.shape[1])
     ys = []
-    for delta_t, u_t, B_t, C_t in steps:
-        h = torch.exp(delta_t[..., None] * A) * h + (delta_t * u_t)[..., None] * B_t
+    for delta_t, u_t, B_t, C_t, decay_step in steps:   # decay_step = Δ_t (times A_scale_t)
+        h = torch.exp(decay_step[..., None] * A) * h + (delta_t * u_t)[..., None] * B_t
         ys.append((h * C_t).sum(-1))
     y = _finish(torch.stack(ys, dim=-1), u, D, z, out_dtype)
     return (y, h) if return_last_state else y
 
 
 def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                           delta_softplus=False):
+                           delta_softplus=False, A_scale=None):
     """One step of the recurrence, for generation: exactly one iteration of selective_scan_ref.
 
-    state: (b, d, n); u, delta, z: (b, d); B, C: (b, n) as in the official kernel, or (1, d, n)
-    for a time-invariant (d, n) matrix. Returns (new state (b, d, n) in state's dtype, y (b, d)
-    in u's dtype).
+    state: (b, d, n); u, delta, z and A_scale: (b, d); B, C: (b, n) as in the official kernel, or
+    (1, d, n) for a time-invariant (d, n) matrix. Returns (new state (b, d, n) in state's dtype,
+    y (b, d) in u's dtype).
     """
     out_dtype = u.dtype
-    u, delta, A, B, C = _prepare(u[..., None], delta[..., None], A, B, C, delta_bias, delta_softplus)
+    u, delta, A, B, C, A_scale = _prepare(u[..., None], delta[..., None], A, B, C, delta_bias,
+                                          delta_softplus, A_scale)
     u, delta = u[..., 0], delta[..., 0]
     B_t = B[:, None] if B.dim() == 2 else B
     C_t = C[:, None] if C.dim() == 2 else C
-    h = torch.exp(delta[..., None] * A) * state.to(u.dtype) + (delta * u)[..., None] * B_t
+    decay_step = delta if A_scale is None else delta * A_scale
+    h = torch.exp(decay_step[..., None] * A) * state.to(u.dtype) + (delta * u)[..., None] * B_t
     y = _finish((h * C_t).sum(-1)[..., None], u[..., None], D, None if z is None else z[..., None],
                 out_dtype)
     return h.to(state.dtype), y[..., 0]
@@ -191,28 +197,31 @@ class _SelectiveScan(torch.autograd.Function):
     """y = <C_t, h_t> with h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, by the two-level chunked scan.
 
     Inputs already in the compute dtype, Δ already through softplus: u, delta (b, d, l);
-    A (d, n); B, C (b, n, l) or (d, n). Outputs y (b, d, l) and the last state (b, d, n).
+    A (d, n); B, C (b, n, l) or (d, n); A_scale (b, d, l) or None. Outputs y (b, d, l) and the
+    last state (b, d, n).
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, keep):
+    def forward(ctx, u, delta, A, B, C, A_scale, keep):
         b, d, l = u.shape
         n = A.shape[1]
         T = _chunk_len(l, b * n * d)
         u, dt, Bs, Cs = _chunk_inputs(u, delta, B, C, T)    # u, dt: (T, b, nc, 1, d)
+        scale = None if A_scale is None else _to_chunks(A_scale, T)[..., None, :]
+        step = dt if scale is None else dt * scale  # the step in exp(Δ_t A_scale_t A)
         x = dt * u                                  # Euler's Δ_t u_t
         nc = dt.shape[2]
         # exp(Δ_t A), (b, nc, n, d) for every step, and below the states h_t: kept as one slab per
         # step rather than one (T, ...) tensor, so the allocator reuses freed slabs instead of
         # mapping (and zeroing) fresh pages for a full-size tensor at every call.
-        dA = [torch.mul(dt[t], A.t()).exp_() for t in range(T)]
+        dA = [torch.mul(step[t], A.t()).exp_() for t in range(T)]
 
         starts = u.new_zeros(b, nc, n, d)
         if nc > 1:
             h = u.new_zeros(b, nc, n, d)            # 1. each chunk from a zero state
             for t in range(T):
                 h.mul_(dA[t]).addcmul_(x[t], Bs[t])
-            decay = torch.exp(dt.sum(0) * A.t())    # exp(A ΣΔ): the product of a chunk's exp(Δ_t A)
+            decay = torch.exp(step.sum(0) * A.t())  # exp(A ΣΔ): the product of a chunk's exp(Δ_t A)
             _chain(starts, h, decay, u.new_zeros(b, n, d), range(nc))       # 2. chain them
 
         # 3. scan every chunk from its true start, emitting y. For backward keep every state:
@@ -226,13 +235,14 @@ class _SelectiveScan(torch.autograd.Function):
             _sum_n(Cs[t], h, y[t], C.dim() == 3)
             if keep:
                 H.append(h)
-        ctx.save_for_backward(u, dt, A, Bs, Cs, starts, *dA, *H)
+        ctx.save_for_backward(u, dt, scale, A, Bs, Cs, starts, *dA, *H)
         ctx.selective = B.dim() == 3, C.dim() == 3
         return _from_chunks(y[..., 0, :], l), h[:, -1].transpose(-1, -2).contiguous()
 
     @staticmethod
     def backward(ctx, gy, glast):
-        u, dt, A, Bs, Cs, starts, *slabs = ctx.saved_tensors
+        u, dt, scale, A, Bs, Cs, starts, *slabs = ctx.saved_tensors
+        step = dt if scale is None else dt * scale
         T, b, nc, _, d = u.shape
         dA, H = slabs[:T], slabs[T:]
         l = gy.shape[-1]
@@ -248,11 +258,11 @@ class _SelectiveScan(torch.autograd.Function):
             lam = torch.zeros_like(starts)          # 1. each chunk from a zero adjoint
             for t in reversed(range(T)):
                 lam.addcmul_(g[t], Cs[t]).mul_(dA[t])
-            decay = torch.exp(dt.sum(0) * A.t())    # 2. chain the chunks, right to left
+            decay = torch.exp(step.sum(0) * A.t())  # 2. chain the chunks, right to left
             _chain(ends, lam, decay, ends[:, -1].clone(), reversed(range(nc)))
 
         lam, w = ends, torch.empty_like(starts)    # 3. scan each chunk back from its true end
-        g_dt, g_x = torch.empty_like(u), torch.empty_like(u)
+        g_step, g_x = torch.empty_like(u), torch.empty_like(u)   # dL/d(decay step), dL/d(Δ_t u_t)
         g_B = u.new_empty((T,) + Bs.shape[1:])
         g_C = u.new_empty((T,) + Cs.shape[1:])
         g_A = torch.zeros_like(starts)
@@ -264,18 +274,20 @@ class _SelectiveScan(torch.autograd.Function):
             _sum_d(H[t], g[t], g_C[t], sel_C)
             lam.mul_(dA[t])                         # λ_t exp(Δ_t A): the adjoint flowing to t-1
             torch.mul(lam, H[t - 1] if t else starts, out=w)   # dL/d(Δ_t A), elementwise
-            g_A.addcmul_(w, dt[t])
-            torch.sum(w.mul_(At), -2, keepdim=True, out=g_dt[t])
-        g_dt.addcmul_(g_x, u)                       # Δ also enters through Δ_t u_t
+            g_A.addcmul_(w, step[t])
+            torch.sum(w.mul_(At), -2, keepdim=True, out=g_step[t])
+        # Δ enters through the decay step (times A_scale when given) and through Δ_t u_t
+        g_dt = (g_step if scale is None else g_step * scale).addcmul_(g_x, u)
+        g_scale = None if scale is None else _from_chunks((g_step * dt)[..., 0, :], l)
 
         def unchunk(gS, selective):                 # a per-step slab gradient -> B's or C's shape
             return _from_chunks(gS[..., 0], l) if selective else gS.sum((0, 1, 2)).t()
         return (_from_chunks((g_x * dt)[..., 0, :], l), _from_chunks(g_dt[..., 0, :], l),
-                g_A.sum((0, 1)).t(), unchunk(g_B, sel_B), unchunk(g_C, sel_C), None)
+                g_A.sum((0, 1)).t(), unchunk(g_B, sel_B), unchunk(g_C, sel_C), g_scale, None)
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False):
+                      return_last_state=False, A_scale=None):
     """The fast selective scan: same signature and results as selective_scan_ref.
 
     Pure PyTorch, differentiable, CPU or CUDA, any length. Runs in float32 (float64 stays
@@ -283,9 +295,10 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     """
     out_dtype = u.dtype
     with torch.autocast(device_type=u.device.type, enabled=False):
-        u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+        u, delta, A, B, C, A_scale = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, A_scale)
         # keep the states for backward only when there will be one
-        keep = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C))
-        y, last = _SelectiveScan.apply(u, delta, A, B, C, keep)
+        keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                               for t in (u, delta, A, B, C, A_scale))
+        y, last = _SelectiveScan.apply(u, delta, A, B, C, A_scale, keep)
         y = _finish(y, u, D, z, out_dtype)
     return (y, last) if return_last_state else y
