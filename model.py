@@ -52,6 +52,13 @@ class MambaConfig:
     norm_eps: float = _param("epsilon of the RMSNorms", 1e-5)
     pad_vocab_size_multiple: int = _param("embedding rows are padded up to a multiple of this", 8)
     tie_embeddings: bool = _param("whether lm_head shares the embedding matrix", True)
+    # The selection mechanism, one switch per SSM parameter (paper section 3.5.2 and Table 7). All off is a
+    # linear time-invariant SSM (S4D-real inside the Mamba block) computed by the same scan.
+    selective_delta: bool = _param("Δ depends on the input (off: one learned step size per channel)", True)
+    selective_B: bool = _param("B depends on the input (off: a learned (d_inner, d_state) matrix)", True)
+    selective_C: bool = _param("C depends on the input (off: a learned (d_inner, d_state) matrix)", True)
+    selective_A: bool = _param("A depends on the input too, A_t = A * softplus(A_proj(u_t)) per channel (the "
+                               "paper's untested hypothesis; not in the official model)", False)
     scan: Literal["fast", "ref"] = _param('selective scan for whole sequences: "fast" (parallel) or "ref" (loop)',
                                           "fast")
     init_from: str = _param("a pretrained directory or hub name to start from: its weights, its architecture "
@@ -96,12 +103,15 @@ def _require(name, value, ok, expected):
 def param_count(config: MambaConfig) -> int:
     """Number of parameters of MambaLM(config), the tied embedding counted once."""
     d, di, n, r, k = config.d_model, config.d_inner, config.d_state, config.dt_rank_value, config.d_conv
-    mixer = (d * 2 * di                  # in_proj
-             + di * k                    # conv1d (depthwise: one length-k filter per channel)
-             + di * (r + 2 * n)          # x_proj -> dt, B, C
-             + r * di + di               # dt_proj with its bias
-             + di * n + di               # A_log, D
-             + di * d)                   # out_proj
+    c = config
+    mixer = (d * 2 * di                                              # in_proj
+             + di * k                                                # conv1d (one length-k filter per channel)
+             + di * (r * c.selective_delta + n * c.selective_B + n * c.selective_C + r * c.selective_A)  # x_proj
+             + r * di * c.selective_delta + di                       # dt_proj with its bias, or dt_bias alone
+             + di * n * (2 - c.selective_B - c.selective_C)          # fixed B, C
+             + (r * di + di) * c.selective_A                         # A_proj with its bias
+             + di * n + di                                           # A_log, D
+             + di * d)                                               # out_proj
     mixer += (2 * di + d) * config.bias + di * config.conv_bias
     embedding = config.padded_vocab_size * d
     lm_head = 0 if config.tie_embeddings else embedding
@@ -136,6 +146,10 @@ class MambaMixer(nn.Module):
         dt, B, C = x_proj(u);  Δ = softplus(dt_proj(dt))      the selection: Δ, B, C depend on the input
         h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t;  y_t = C_t h_t + D u_t     (selective scan)
         out = out_proj(y * silu(z))
+
+    The selectivity switches of the config (ablations, paper Table 7) replace an input-dependent parameter by a
+    learned constant: Δ by softplus(dt_bias) per channel, B or C by a (d_inner, n) matrix. With selective_A, A gets
+    an input-dependent factor per channel and step, A_t = A * softplus(A_proj(a_t)), a_t from x_proj like dt.
     """
 
     def __init__(self, config: MambaConfig):
@@ -146,14 +160,33 @@ class MambaMixer(nn.Module):
         self.in_proj = nn.Linear(config.d_model, 2 * self.d_inner, bias=config.bias)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, config.d_conv, groups=self.d_inner,
                                 padding=config.d_conv - 1, bias=config.conv_bias)
-        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.act = nn.SiLU()  # a module (as in the official block) so that tools can hook u, the scan's input
+        # x_proj produces the input-dependent parameters, in this order: dt (dt_rank), B (n), C (n), a (dt_rank).
+        self.selective = {"delta": config.selective_delta, "B": config.selective_B, "C": config.selective_C,
+                          "A": config.selective_A}
+        widths = {"delta": self.dt_rank, "B": self.d_state, "C": self.d_state, "A": self.dt_rank}
+        self.split = [widths[k] for k, on in self.selective.items() if on]
+        self.x_proj = nn.Linear(self.d_inner, sum(self.split), bias=False) if self.split else None
+        if config.selective_delta:
+            self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        else:
+            self.dt_bias = nn.Parameter(torch.empty(self.d_inner))
+        if not config.selective_B:
+            self.B = nn.Parameter(torch.empty(self.d_inner, self.d_state))
+        if not config.selective_C:
+            self.C = nn.Parameter(torch.empty(self.d_inner, self.d_state))
+        if config.selective_A:
+            self.A_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
         # A is learnt as A_log = log(-A): A = -exp(A_log) stays negative whatever the optimiser does, so
         # exp(Δ A) < 1 and the state decays instead of blowing up. Kept in float32 even in low-precision models.
         self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=config.bias)
         self._init_weights(config)
+
+    def _dt_bias(self):
+        """The bias added to dt before the softplus: dt_proj's (selective Δ) or the per-channel dt_bias."""
+        return self.dt_proj.bias if self.selective["delta"] else self.dt_bias
 
     @torch.no_grad()
     def _init_weights(self, config):
@@ -163,9 +196,18 @@ class MambaMixer(nn.Module):
         log_min, log_max = math.log(config.dt_min), math.log(config.dt_max)
         dt = torch.exp(torch.rand(self.d_inner) * (log_max - log_min) + log_min).clamp(min=config.dt_init_floor)
         # Δ = softplus(dt_proj(...) + bias), so the bias is softplus⁻¹(dt) = dt + log(1 - exp(-dt)): Δ ≈ dt at init.
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self._dt_bias().copy_(dt + torch.log(-torch.expm1(-dt)))
         bound = self.dt_rank ** -0.5 * config.dt_scale
-        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        if config.selective_delta:
+            nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        if config.selective_A:  # A_t = A at init on average: softplus(bias) = 1, inputs spread it like dt's
+            nn.init.uniform_(self.A_proj.weight, -bound, bound)
+            nn.init.constant_(self.A_proj.bias, math.log(math.e - 1))
+        # Fixed B and C as in S4D: B = 1, C standard normal (real here).
+        if not config.selective_B:
+            nn.init.ones_(self.B)
+        if not config.selective_C:
+            nn.init.normal_(self.C)
         # S4D-real: A = -(1, 2, ..., n) in every channel, a range of decay rates per channel.
         self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
         nn.init.ones_(self.D)
@@ -177,12 +219,20 @@ class MambaMixer(nn.Module):
         nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
         self.out_proj.weight /= math.sqrt(config.n_layer)
 
-    def _ssm_params(self, u):
-        """u (..., d_inner) -> dt (..., d_inner) without its bias, B and C (..., n), A (d_inner, n) float32."""
-        dt, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # The bias is added inside the scan, in float32 together with the softplus, as the official kernel does.
-        dt = F.linear(dt, self.dt_proj.weight)
-        return dt, B, C, -torch.exp(self.A_log.float())
+    def ssm_params(self, u):
+        """u (..., d_inner) -> the selective scan's inputs besides u, as a dict:
+            dt (..., d_inner)  Δ before its bias; the scan computes Δ = softplus(dt + dt_bias) in float32, as the
+                               official kernel does (zeros when Δ is not selective: Δ = softplus(dt_bias))
+            dt_bias (d_inner,) float32;  A (d_inner, n) float32
+            B, C (..., n) when selective, else the fixed (d_inner, n) matrices
+            A_scale (..., d_inner) with selective A (A_t = A * A_scale_t), else None."""
+        parts = dict(zip([k for k, on in self.selective.items() if on],
+                         self.x_proj(u).split(self.split, dim=-1) if self.split else ()))
+        dt = F.linear(parts["delta"], self.dt_proj.weight) if "delta" in parts else u.new_zeros(()).expand(u.shape)
+        f32 = _compute_dtype(self.A_log.dtype)  # float32 (float64 in a float64 model)
+        return {"dt": dt, "dt_bias": self._dt_bias().to(f32), "A": -torch.exp(self.A_log.to(f32)),
+                "B": parts["B"] if "B" in parts else self.B, "C": parts["C"] if "C" in parts else self.C,
+                "A_scale": F.softplus(self.A_proj(parts["A"]).to(f32)) if "A" in parts else None}
 
     def forward(self, hidden, cache=None):
         """hidden (b, l, d_model) -> (b, l, d_model). With cache = (conv_state, ssm_state) (prefill), leaves there
@@ -194,10 +244,12 @@ class MambaMixer(nn.Module):
             # The window the next step's conv needs, left-padded with zeros when l < d_conv (F.pad crops otherwise).
             conv_state.copy_(F.pad(x, (self.d_conv - l, 0)))
         # padding = d_conv - 1 on both sides; the first l outputs only see the past: the conv is causal.
-        u = F.silu(self.conv1d(x)[..., :l])
-        dt, B, C, A = self._ssm_params(u.transpose(1, 2))                        # dt (b, l, d_inner), B, C (b, l, n)
-        y = self.scan(u, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
-                      delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=cache is not None)
+        u = self.act(self.conv1d(x)[..., :l])
+        p = self.ssm_params(u.transpose(1, 2))            # time-major (b, l, ...) like x_proj's output
+        B, C, A_scale = (t if t is None or t.dim() == 2 else t.transpose(1, 2) for t in (p["B"], p["C"], p["A_scale"]))
+        y = self.scan(u, p["dt"].transpose(1, 2), p["A"], B, C, self.D.float(), z=z, delta_bias=p["dt_bias"],
+                      delta_softplus=True, return_last_state=cache is not None,
+                      **({} if A_scale is None else {"A_scale": A_scale}))  # official scans lack A_scale
         if cache is not None:
             y, last_state = y
             ssm_state.copy_(last_state)
@@ -212,10 +264,12 @@ class MambaMixer(nn.Module):
         u = (conv_state * self.conv1d.weight[:, 0]).sum(-1)                     # weight (d_inner, 1, d_conv)
         if self.conv1d.bias is not None:
             u = u + self.conv1d.bias
-        u = F.silu(u)
-        dt, B, C, A = self._ssm_params(u)
-        new_state, y = selective_state_update(ssm_state, u, dt, A, B, C, self.D.float(), z=z,
-                                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        u = self.act(u)
+        p = self.ssm_params(u)
+        # selective: (b, n) as the official kernel takes them; fixed: (1, d_inner, n)
+        B, C = (p[k] if self.selective[k] else p[k][None] for k in ("B", "C"))
+        new_state, y = selective_state_update(ssm_state, u, p["dt"], p["A"], B, C, self.D.float(), z=z,
+                                              delta_bias=p["dt_bias"], delta_softplus=True, A_scale=p["A_scale"])
         ssm_state.copy_(new_state)
         return self.out_proj(y)
 
@@ -302,11 +356,11 @@ class MambaLM(nn.Module):
 
     def optim_groups(self, weight_decay):
         """AdamW parameter groups: weight decay on the mixers' Linear weight matrices (in_proj, x_proj, dt_proj,
-        out_proj) only. Not on A_log and D (official _no_weight_decay: decay would pull A towards -1 and the skip
-        towards 0), biases and norm gains (scales/offsets, not interactions), the conv filters (d_conv numbers per
+        A_proj, out_proj) only. Not on A_log and D (official _no_weight_decay: decay would pull A towards -1 and the
+        skip towards 0), nor on the other SSM parameters of the ablations (fixed B, C, dt_bias, as S4 does), biases and norm gains (scales/offsets, not interactions), the conv filters (d_conv numbers per
         channel, a gain more than a matrix), nor the embedding / lm_head (a lookup table: a row gets gradient only
         when its token occurs, while decay would shrink rare tokens' rows at every step)."""
-        decayed = ("in_proj.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight")
+        decayed = ("in_proj.weight", "x_proj.weight", "dt_proj.weight", "A_proj.weight", "out_proj.weight")
         named = list(self.named_parameters())  # shared tensors appear once, under their first name
         return [{"params": [p for name, p in named if name.endswith(decayed)], "weight_decay": weight_decay},
                 {"params": [p for name, p in named if not name.endswith(decayed)], "weight_decay": 0.0}]

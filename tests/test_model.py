@@ -250,6 +250,79 @@ def test_optim_groups_cover_every_parameter_once(tie):
     torch.optim.AdamW(model.optim_groups(0.1), lr=1e-3)  # accepted as is
 
 
+# ---- selectivity switches (ablations) ---------------------------------------------------------------------------
+
+ABLATIONS = {
+    "lti": dict(selective_delta=False, selective_B=False, selective_C=False),
+    "fixed-delta": dict(selective_delta=False),
+    "fixed-B": dict(selective_B=False),
+    "fixed-C": dict(selective_C=False),
+    "selective-A": dict(selective_A=True),
+    "A-instead-of-delta": dict(selective_A=True, selective_delta=False),
+}
+
+
+def perturbed(model):
+    """Nudge every parameter, so that no switch's parameter keeps a trivial init value that could hide a mistake."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return model
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_ablations_decode_count_and_train_like_the_full_model(name):
+    model = perturbed(small_model(**ABLATIONS[name]))
+    ids = random_ids(2, 30)
+    with torch.no_grad():
+        full, ref = model(ids), perturbed(small_model(scan="ref", **ABLATIONS[name]))(ids)
+    torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-5)  # fast scan == reference loop
+    cache = model.allocate_cache(2)
+    steps = [model.prefill(ids[:, :5], cache)] + [model.step(ids[:, t], cache) for t in range(5, 30)]
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 4:], rtol=1e-4, atol=1e-5)
+    assert model.num_params() == param_count(model.config)
+    model.train()
+    F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_switches_add_and_remove_the_right_parameters():
+    names = lambda **kw: {n.split("mixer.")[-1] for n, _ in small_model(**kw).named_parameters() if "layers.0.mixer" in n}
+    full = names()
+    assert full == {"in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
+                    "dt_proj.bias", "A_log", "D", "out_proj.weight"}           # the official names, nothing else
+    assert names(**ABLATIONS["lti"]) == full - {"x_proj.weight", "dt_proj.weight", "dt_proj.bias"} | {"dt_bias", "B", "C"}
+    assert names(selective_A=True) == full | {"A_proj.weight", "A_proj.bias"}
+    mixer = small_model(selective_A=True, selective_B=False).backbone.layers[0].mixer
+    assert mixer.x_proj.out_features == 2 * mixer.dt_rank + mixer.d_state  # dt, C, a: B is not projected
+    torch.testing.assert_close(F.softplus(mixer.A_proj.bias), torch.ones(mixer.d_inner))  # A_t = A at the bias
+    model = small_model(**ABLATIONS["lti"], selective_A=True)
+    named = {id(p): n.split("mixer.")[-1] for n, p in model.named_parameters()}
+    decay, no_decay = model.optim_groups(0.1)
+    assert {named[id(p)] for p in decay["params"]} == {"in_proj.weight", "x_proj.weight", "A_proj.weight",
+                                                       "out_proj.weight"}
+    assert {"B", "C", "dt_bias", "A_proj.bias"} <= {named[id(p)] for p in no_decay["params"]}
+
+
+def test_time_invariant_mixer_is_the_s4_convolution():
+    """All switches off, the SSM is linear time-invariant, so it equals a causal convolution of u with the kernel
+    K_k = Σ_n C_n exp(Δ A_n)^k Δ B_n per channel (S4's convolutional view, computed here independently)."""
+    torch.manual_seed(0)
+    mixer = perturbed(small_model(**ABLATIONS["lti"])).backbone.layers[0].mixer.double()
+    hidden = torch.randn(2, 40, 32, dtype=torch.float64)
+    with torch.no_grad():
+        x, z = mixer.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+        u = F.silu(mixer.conv1d(x)[..., :40])                                     # (b, d, l)
+        delta = F.softplus(mixer.dt_bias)[:, None]                                # (d, 1)
+        A = -torch.exp(mixer.A_log)                                               # (d, n)
+        k = torch.arange(40, dtype=torch.float64)
+        kernel = (mixer.C[:, :, None] * torch.exp(delta[..., None] * A[:, :, None] * k) * delta[..., None]
+                  * mixer.B[:, :, None]).sum(1)                                   # (d, l)
+        y = F.conv1d(F.pad(u, (39, 0)), kernel.flip(-1)[:, None], groups=u.shape[1]) + mixer.D[:, None] * u
+        expected = mixer.out_proj((y * F.silu(z)).transpose(1, 2))
+        torch.testing.assert_close(mixer(hidden), expected, rtol=1e-10, atol=1e-12)
+
+
 # ---- config -----------------------------------------------------------------------------------------------------
 
 def test_config_derived_sizes_and_field_docs():
