@@ -61,6 +61,11 @@ class DataConfig:
         "folder for downloads and the encoded token cache (train.bin, val.bin, meta.json)")})
     val_fraction: float = field(default=0.05, metadata={"doc": (
         "fraction of the token stream, taken from its end, held out for validation")})
+    task: Literal["none", "selective_copying", "induction_heads"] = field(default="none", metadata={"doc": (
+        "none: train on the text above; else a synthetic task of the paper's section 4.1, generated on the fly "
+        "(tasks.py; source, tokenizer and val_fraction are then unused)")})
+    task_vocab: int = field(default=16, metadata={"doc": "a task's vocabulary size, special tokens included"})
+    task_tokens: int = field(default=16, metadata={"doc": "selective_copying: data tokens to copy (K)"})
 
     def __post_init__(self):
         if not self.source.strip():
@@ -69,6 +74,11 @@ class DataConfig:
             raise ValueError(f"tokenizer must be byte or char, got {self.tokenizer!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be strictly between 0 and 1, got {self.val_fraction}")
+        if self.task not in ("none", "selective_copying", "induction_heads"):
+            raise ValueError(f"task must be none, selective_copying or induction_heads, got {self.task!r}")
+        for name in ("task_vocab", "task_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,6 +112,9 @@ class Tokenizer:
             return CharTokenizer(state["chars"])
         if state.get("kind") == "hf":
             return HFTokenizer(state["json"])
+        if state.get("kind") == "task":
+            from tasks import TaskTokenizer  # tasks.py builds on this module, hence imported here
+            return TaskTokenizer(state["task"], state["vocab_size"])
         raise ValueError(f"unknown tokenizer state {state!r}")
 
 

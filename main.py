@@ -28,6 +28,7 @@ import types
 import typing
 from pathlib import Path
 
+import tasks
 from data import DataConfig, DataError, load_dataset
 from model import MambaConfig
 from pretrained import PretrainedError, init_config
@@ -253,6 +254,9 @@ def main(argv=None) -> None:
     except ConfigError as e:
         fail(str(e))
     model_cfg, tokenizer = MambaConfig(**DERIVED["model"], **model_kwargs), None
+    if model_cfg.init_from and data_cfg.task != "none":
+        fail(f"{_where(args, 'data', 'task', data_cfg.task)}: a task trains a model from scratch; "
+             "leave [model] init_from empty")
     if model_cfg.init_from:  # a pretrained model: its config.json and tokenizer replace ours
         try:
             model_cfg, tokenizer = init_config(model_cfg)
@@ -261,18 +265,24 @@ def main(argv=None) -> None:
     if args.print_config:
         print(config_text(model_cfg, data_cfg, train_cfg))
         return
-    # Encode the corpus here (once; later runs reuse the cache), so that a bad source or a corpus
-    # too short for seq_len is a one-line error, not a traceback from inside training.
-    try:
-        dataset = load_dataset(data_cfg, tokenizer)
-    except DataError as e:
-        fail(f"{_where(args, 'data', 'source', data_cfg.source)}: {e}")
-    shortest = min(len(dataset.train), len(dataset.val))
-    if shortest < train_cfg.seq_len + 1:
-        fail(f"{_where(args, 'training', 'seq_len', train_cfg.seq_len)}: a split of the corpus has "
-             f"only {shortest} tokens; use a smaller seq_len, a longer corpus or a larger val_fraction")
-    if tokenizer is None:
-        model_cfg = MambaConfig(vocab_size=dataset.tokenizer.vocab_size, **model_kwargs)
+    if data_cfg.task != "none":  # a synthetic task: no corpus, but sizes the task must fit
+        problem = tasks.check(data_cfg.task, data_cfg.task_vocab, data_cfg.task_tokens, train_cfg.seq_len)
+        if problem:
+            fail(f"{_where(args, 'data', 'task', data_cfg.task)}: {problem}")
+        model_cfg = MambaConfig(vocab_size=data_cfg.task_vocab, **model_kwargs)
+    else:
+        # Encode the corpus here (once; later runs reuse the cache), so that a bad source or a corpus
+        # too short for seq_len is a one-line error, not a traceback from inside training.
+        try:
+            dataset = load_dataset(data_cfg, tokenizer)
+        except DataError as e:
+            fail(f"{_where(args, 'data', 'source', data_cfg.source)}: {e}")
+        shortest = min(len(dataset.train), len(dataset.val))
+        if shortest < train_cfg.seq_len + 1:
+            fail(f"{_where(args, 'training', 'seq_len', train_cfg.seq_len)}: a split of the corpus has "
+                 f"only {shortest} tokens; use a smaller seq_len, a longer corpus or a larger val_fraction")
+        if tokenizer is None:
+            model_cfg = MambaConfig(vocab_size=dataset.tokenizer.vocab_size, **model_kwargs)
 
     import train
 

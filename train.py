@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from checkpoint import CKPT_FORMAT, die, model_fingerprint, read_checkpoint, save_checkpoint
 from data import DataConfig, get_batch, load_dataset
+from tasks import IGNORE, TaskTokenizer, make_batch
 from main import write_config
 from model import MambaConfig, MambaLM
 from pretrained import init_config, load_weights, resolve
@@ -168,38 +169,55 @@ class StopFlag:
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy in nats of logits (b, l, V) against targets (b, l), computed in float32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    """Mean cross-entropy in nats of logits (b, l, V) against targets (b, l), computed in float32.
+    Positions whose target is IGNORE (a task's unscored tokens) do not count."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
-def fixed_val_batches(tokens, cfg: TrainConfig) -> list:
+def batch_drawer(data_cfg: DataConfig, tokens, cfg: TrainConfig):
+    """draw(generator) -> one micro-batch (x, y): random windows of ``tokens`` (a split of the text), or
+    fresh examples of [data] task."""
+    if data_cfg.task != "none":
+        return lambda generator: make_batch(data_cfg.task, data_cfg.task_vocab, data_cfg.task_tokens,
+                                            cfg.batch_size, cfg.seq_len, generator)
+    return lambda generator: get_batch(tokens, cfg.batch_size, cfg.seq_len, generator)
+
+
+def fixed_val_batches(draw, cfg: TrainConfig, task: bool) -> list:
     """The validation batches every evaluation uses: drawn once from a generator seeded with the
-    seed, so successive evaluations (and resumed runs) measure the same text."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    return [get_batch(tokens, cfg.batch_size, cfg.seq_len, generator) for _ in range(cfg.eval_batches)]
+    seed, so successive evaluations (and resumed runs) measure the same examples. Text validation
+    windows come from their own split; task examples from a stream apart from the training ones,
+    which are seeded seed + rank (CPU generators keep 32 bits of a seed: the offset must be smaller)."""
+    generator = torch.Generator().manual_seed(cfg.seed + 999_983 * task)
+    return [draw(generator) for _ in range(cfg.eval_batches)]
 
 
 @torch.no_grad()
-def evaluate(model, batches: list, rt: Runtime) -> float:
-    """Mean validation loss (nats per token) over ``batches``. Each process takes every world-th
-    batch and the sums are all-reduced, so all processes return the same number."""
+def evaluate(model, batches: list, rt: Runtime, vocab_size: int) -> tuple[float, float]:
+    """(mean validation loss in nats per scored token, accuracy: the fraction of scored tokens that are
+    the argmax of the logits) over ``batches``. Each process takes every world-th batch and the sums
+    are all-reduced, so all processes return the same numbers."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (sum of batch losses, batches)
+    total = torch.zeros(3, dtype=torch.float64, device=rt.device)  # (sum of losses, right answers, scored)
     for x, y in batches[rt.rank::rt.world]:
         with rt.autocast():
             logits = model(x.to(rt.device))
-        total += torch.stack([next_token_loss(logits, y.to(rt.device)).double(), total.new_ones(())])
+        y = y.to(rt.device)
+        scored = (y != IGNORE).sum()
+        right = ((logits[..., :vocab_size].argmax(-1) == y) & (y != IGNORE)).sum()
+        total += torch.stack([next_token_loss(logits, y).double() * scored, right, scored]).double()
     if rt.world > 1:
         dist.all_reduce(total)
     model.train(was_training)
-    return (total[0] / total[1]).item()
+    return (total[0] / total[2]).item(), (total[1] / total[2]).item()
 
 
 # ----------------------------------------------------------------------------------------------------
 # Logs
 
-COLUMNS = ("step", "train_loss", "val_loss", "val_bits", "val_ppl", "lr", "tokens_per_s", "elapsed_s")
+COLUMNS = ("step", "train_loss", "val_loss", "val_bits", "val_ppl", "val_accuracy", "lr", "tokens_per_s",
+           "elapsed_s")
 
 
 def write_log(out_dir: Path, history: list, unit: str) -> None:
@@ -234,12 +252,12 @@ def plot_losses(out_dir: Path, history: list) -> None:
 # Training
 
 
-def _train_step(model, params, optimizer, tokens, data_rng, cfg: TrainConfig, rt: Runtime, stop: StopFlag):
+def _train_step(model, params, optimizer, draw, data_rng, cfg: TrainConfig, rt: Runtime, stop: StopFlag):
     """One optimizer step, skipped when the loss or the gradient is not finite. Returns (loss averaged
     over micro-batches and processes, gradient norm, whether any process was asked to stop)."""
     loss_sum = torch.zeros((), device=rt.device)
     for micro in range(cfg.grad_accum):
-        x, y = (t.to(rt.device) for t in get_batch(tokens, cfg.batch_size, cfg.seq_len, data_rng))
+        x, y = (t.to(rt.device) for t in draw(data_rng))
         # DDP averages gradients on each backward; the first micro-batches only accumulate locally.
         sync = model.no_sync() if rt.world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
         with sync:
@@ -271,12 +289,15 @@ def train(model_cfg: MambaConfig, data_cfg: DataConfig, train_cfg: TrainConfig, 
 
 def _run(model_cfg, data_cfg, cfg: TrainConfig, rt: Runtime, resume: bool) -> dict:
     master = rt.rank == 0
-    tokenizer = None
+    tokenizer, task = None, data_cfg.task != "none"
+    if task and model_cfg.init_from:
+        die(f"[data] task = {data_cfg.task} trains a model from scratch; leave [model] init_from empty")
     if model_cfg.init_from:  # fine-tuning: the pretrained architecture and tokenizer
         model_cfg, tokenizer = init_config(model_cfg)
-    data = load_dataset(data_cfg, tokenizer)
+    data = None if task else load_dataset(data_cfg, tokenizer)
     if tokenizer is None:
-        model_cfg = replace(model_cfg, vocab_size=data.tokenizer.vocab_size)  # the tokenizer decides it
+        tokenizer = TaskTokenizer(data_cfg.task, data_cfg.task_vocab) if task else data.tokenizer
+        model_cfg = replace(model_cfg, vocab_size=tokenizer.vocab_size)  # the tokenizer decides it
     configs = {"model": asdict(model_cfg), "data": asdict(data_cfg), "training": asdict(cfg)}
     out_dir, ckpt_path = Path(cfg.out_dir), Path(cfg.out_dir) / "ckpt.pt"
 
@@ -292,36 +313,39 @@ def _run(model_cfg, data_cfg, cfg: TrainConfig, rt: Runtime, resume: bool) -> di
              "elapsed_s": 0.0}
     step = 0
     if resume:
-        step, state = _restore(ckpt_path, raw, optimizer, data_rng, configs, data.tokenizer, rt)
+        step, state = _restore(ckpt_path, raw, optimizer, data_rng, configs, tokenizer, rt)
     if master:
         write_config(out_dir / "config.ini", model_cfg, data_cfg, cfg)
+        examples = (f"task {data_cfg.task}, fresh examples every step" if task else
+                    f"{len(data.train):,} train and {len(data.val):,} val {tokenizer.unit}s")
         print(f"{raw.num_params() / 1e6:.2f}M parameters; device {rt.device} ({str(rt.dtype)[6:]}), "
-              f"{rt.world} process{'es' * (rt.world > 1)}; {len(data.train):,} train and {len(data.val):,} "
-              f"val {data.tokenizer.unit}s" + (f"; resuming at step {step}" if resume else ""))
+              f"{rt.world} process{'es' * (rt.world > 1)}; {examples}" + (f"; resuming at step {step}" if resume else ""))
 
     fwd = torch.compile(raw) if cfg.compile else raw
     model = torch.nn.parallel.DistributedDataParallel(fwd) if rt.world > 1 else fwd
-    val_batches = fixed_val_batches(data.val, cfg)
+    draw = batch_drawer(data_cfg, None if task else data.train, cfg)
+    val_batches = fixed_val_batches(batch_drawer(data_cfg, None if task else data.val, cfg), cfg, task)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world
     started = time.perf_counter()
     window = {"tokens": 0, "seconds": 0.0}  # throughput since the last evaluation
     saved = {"step": step if resume else None}  # the step of the last checkpoint, for the NaN message
 
     def evaluate_and_log():
-        val = evaluate(fwd, val_batches, rt)
+        val, accuracy = evaluate(fwd, val_batches, rt, model_cfg.vocab_size)
         count = state["train_loss_count"]
         row = {"step": step, "train_loss": state["train_loss_sum"] / count if count else None,
                "val_loss": val, "val_bits": val / math.log(2), "val_ppl": math.exp(min(val, 700.0)),
-               "lr": lr_at(step, cfg), "tokens_per_s": window["tokens"] / window["seconds"] if count else None,
+               "val_accuracy": accuracy, "lr": lr_at(step, cfg), "tokens_per_s": window["tokens"] / window["seconds"] if count else None,
                "elapsed_s": state["elapsed_s"] + time.perf_counter() - started}
         state["history"].append(row)
         state.update(best_val_loss=min(state["best_val_loss"], val), train_loss_sum=0.0, train_loss_count=0)
         window.update(tokens=0, seconds=0.0)
         if master:
-            write_log(out_dir, state["history"], data.tokenizer.unit)
+            write_log(out_dir, state["history"], tokenizer.unit)
             plot_losses(out_dir, state["history"])
             bar.write(f"step {step}: val loss {val:.4f} nats, {row['val_bits']:.4f} bits per "
-                      f"{data.tokenizer.unit}, perplexity {row['val_ppl']:.2f}")
+                      f"{tokenizer.unit}, perplexity {row['val_ppl']:.2f}, accuracy {100 * accuracy:.2f}%"
+                      + " (answer tokens)" * task)
 
     def save():
         sd = raw.state_dict()
@@ -335,7 +359,7 @@ def _run(model_cfg, data_cfg, cfg: TrainConfig, rt: Runtime, resume: bool) -> di
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(rt.device) if rt.device.type == "cuda" else None},
                 "data_rng": data_rngs, "world_size": rt.world, "replicas": fingerprints,
-                "config": configs, "tokenizer": data.tokenizer.state_dict(),
+                "config": configs, "tokenizer": tokenizer.state_dict(),
                 "metrics": {**state, "elapsed_s": state["elapsed_s"] + time.perf_counter() - started}},
                 ckpt_path)
         saved["step"] = step
@@ -351,7 +375,7 @@ def _run(model_cfg, data_cfg, cfg: TrainConfig, rt: Runtime, resume: bool) -> di
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            loss, norm, stopping = _train_step(model, raw.parameters(), optimizer, data.train, data_rng, cfg, rt, stop)
+            loss, norm, stopping = _train_step(model, raw.parameters(), optimizer, draw, data_rng, cfg, rt, stop)
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 last = (f"the last good checkpoint is {ckpt_path} (step {saved['step']})"
                         if saved["step"] is not None else "no checkpoint was written yet")
@@ -376,7 +400,7 @@ def _run(model_cfg, data_cfg, cfg: TrainConfig, rt: Runtime, resume: bool) -> di
                     bar.write(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume", sys.stderr)
                 raise SystemExit(INTERRUPTED)
     last = state["history"][-1]
-    return {**last, "unit": data.tokenizer.unit, "best_val_loss": state["best_val_loss"],
+    return {**last, "unit": tokenizer.unit, "best_val_loss": state["best_val_loss"],
             "params": raw.num_params()}
 
 

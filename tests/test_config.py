@@ -47,12 +47,17 @@ BAD_INPUTS = {
     "--set unknown key": (MINIMAL, ["--set", "model.colour=red"], ["--set model.colour=red", "unknown key"]),
     "--set bad value": (MINIMAL, ["--set", "model.d_state=-4"], ["--set model.d_state=-4", "d_state"]),
     "missing source": (MINIMAL, ["--set", "data.source=no/such/dir"], ["--set data.source=no/such/dir"]),
+    "unknown task": (MINIMAL + "[data]\ntask = copying\n", [], ["[data] task = copying", "selective_copying"]),
+    "task too long": (MINIMAL + "[data]\ntask = selective_copying\ntask_tokens = 200\n", [],
+                      ["[data] task = selective_copying", "seq_len >= 2 * task_tokens = 400", "got 256"]),
+    "task and init_from": (MINIMAL + "[data]\ntask = induction_heads\n", ["--set", "model.init_from=some/dir"],
+                           ["induction_heads", "init_from"]),
 }
 
 
 # These run main.py as a real process; the rest call main.main() in-process (faster, same checks).
 SUBPROCESS = {"unknown section", "unknown key", "wrong type", "d_state = 0", "missing file",
-              "--set syntax", "missing source"}
+              "--set syntax", "missing source", "task too long"}
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

@@ -60,7 +60,7 @@ def test_training_lowers_the_loss_and_writes_its_files(corpus, tmp_path):
     metrics = train.train(tiny_model(), corpus, tiny_train(out, max_steps=40, eval_interval=20))
     rows = read_log(out)
     assert [int(r["step"]) for r in rows] == [0, 20, 40]
-    assert list(rows[0]) == ["step", "train_loss", "val_loss", "val_bits_per_byte", "val_ppl", "lr",
+    assert list(rows[0]) == ["step", "train_loss", "val_loss", "val_bits_per_byte", "val_ppl", "val_accuracy", "lr",
                              "tokens_per_s", "elapsed_s"]
     first, last = float(rows[0]["val_loss"]), float(rows[-1]["val_loss"])
     assert abs(first - math.log(256)) < 0.1  # an untrained model is close to uniform over 256 bytes
@@ -81,7 +81,7 @@ def test_training_lowers_the_loss_and_writes_its_files(corpus, tmp_path):
     # Independent check of the logged number: the loaded checkpoint's plain cross-entropy on the same batches.
     model, tokenizer, _ = checkpoint.load_checkpoint(out / "ckpt.pt")
     data = load_dataset(corpus)
-    batches = train.fixed_val_batches(data.val, tiny_train(out))
+    batches = train.fixed_val_batches(train.batch_drawer(corpus, data.val, tiny_train(out)), tiny_train(out), False)
     with torch.no_grad():
         losses = [F.cross_entropy(model(x).transpose(1, 2), y).item() for x, y in batches]
     assert math.isclose(sum(losses) / len(losses), last, rel_tol=1e-5)
@@ -188,17 +188,39 @@ def test_impossible_training_settings_are_refused_by_name(field, value, words):
 def test_evaluation_uses_a_fixed_set_of_batches_and_is_deterministic(corpus):
     data = load_dataset(corpus)
     cfg = tiny_train("unused", eval_batches=3)
-    batches, again = train.fixed_val_batches(data.val, cfg), train.fixed_val_batches(data.val, cfg)
+    draw = train.batch_drawer(corpus, data.val, cfg)
+    batches, again = train.fixed_val_batches(draw, cfg, False), train.fixed_val_batches(draw, cfg, False)
     assert len(batches) == 3 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                                      for a, b in zip(batches, again))
     torch.manual_seed(0)
     model = MambaLM(tiny_model())
     rt = train.Runtime(torch.device("cpu"), torch.float32)
-    loss = train.evaluate(model, batches, rt)
-    assert train.evaluate(model, batches, rt) == loss and model.training  # same number, mode restored
-    with torch.no_grad():  # independent truth: -log p(target), averaged over every position
-        logp = torch.cat([model(x).log_softmax(-1).gather(-1, y[..., None]) for x, y in batches])
-    assert loss == pytest.approx(-logp.mean().item(), rel=1e-6)
+    loss, accuracy = train.evaluate(model, batches, rt, 256)
+    assert train.evaluate(model, batches, rt, 256) == (loss, accuracy) and model.training  # mode restored
+    with torch.no_grad():  # independent truth: -log p(target) and argmax == target, over every position
+        logits = torch.cat([model(x) for x, _ in batches])
+        y = torch.cat([y for _, y in batches])
+    assert loss == pytest.approx(-logits.log_softmax(-1).gather(-1, y[..., None]).mean().item(), rel=1e-6)
+    assert accuracy == pytest.approx((logits[..., :256].argmax(-1) == y).float().mean().item())
+
+
+def test_task_evaluation_counts_only_the_answers():
+    """Selective Copying batches: loss and accuracy over the marker positions only, and validation examples
+    that are not the training examples (a separate stream of the same seed)."""
+    data = DataConfig(task="selective_copying", task_vocab=8, task_tokens=3)
+    cfg = tiny_train("unused", eval_batches=2, seq_len=20)
+    draw = train.batch_drawer(data, None, cfg)
+    val = train.fixed_val_batches(draw, cfg, True)
+    first_train = draw(torch.Generator().manual_seed(cfg.seed))
+    assert not torch.equal(val[0][0], first_train[0])
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=8))
+    loss, accuracy = train.evaluate(model, val, train.Runtime(torch.device("cpu"), torch.float32), 8)
+    with torch.no_grad():
+        logits = torch.cat([model(x)[:, -3:] for x, _ in val])
+    answers = torch.cat([y[:, -3:] for _, y in val])
+    assert loss == pytest.approx(F.cross_entropy(logits.flatten(0, 1), answers.flatten()).item(), rel=1e-6)
+    assert accuracy == pytest.approx((logits.argmax(-1) == answers).float().mean().item())
 
 
 def write_ini(path, corpus, out_dir, **training):
