@@ -1,7 +1,7 @@
 """Look inside a trained model: what the selection (Δ, B, C) does on a text, layer by layer.
 
-    python look_inside.py --ckpt out/ckpt.pt [--text TEXT | --text-file F | --ids 3,1,4] [--out assets/delta.png]
-                          [--json delta.json]
+    python look_inside.py --ckpt out/ckpt.pt [--text TEXT | --text-file F | --ids 3,1,4 | --task-example SEED]
+                          [--out assets/delta.png] [--json delta.json]
 
 Runs the text through the model once and records, for every layer, the numbers its selective scan uses:
 Δ (l, d_inner), B and C (l, n), A (d_inner, n). Each channel's state evolves as
@@ -16,8 +16,8 @@ the step, the mean over channels and state of exp(Δ_t A). The text summary list
 and smallest mean Δ and the characters whose Δ is largest on average. --json writes, per layer, the per-token
 lists delta (mean over channels), B_norm, C_norm and survival, and the summary; "tokens" holds each token's text.
 
-The numbers are captured with a forward hook on each mixer's x_proj (its input u is the conv branch's output)
-and passed through the mixer's own MambaMixer._ssm_params, so they are the model's, not a re-implementation.
+The numbers are captured with a forward hook on each mixer's activation (its output u is the scan's input) and
+passed through the mixer's own MambaMixer.ssm_params, so they are the model's, not a re-implementation.
 """
 import argparse
 import codecs
@@ -33,6 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from checkpoint import die, load_checkpoint  # noqa: E402
+from tasks import make_batch  # noqa: E402
 
 DEFAULT_TEXT = ('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n'
                 '    for _ in range(n):\n        a, b = b, a + b\n    return a\n')
@@ -42,17 +43,19 @@ SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥", "": "·"}  # how invisible tokens
 
 @torch.no_grad()
 def capture(model, ids):
-    """ids (1, l) int64 -> one dict per layer: delta (l, d_inner) = Δ after softplus, B and C (l, n), A (d_inner, n),
-    all float32: exactly what the layer's selective scan receives (dt_proj.bias is added as the scan does)."""
+    """ids (1, l) int64 -> one dict per layer, all float32: delta (l, d_inner) = Δ after softplus; B and C (l, n),
+    or the fixed (d_inner, n) matrices of a non-selective ablation; A (d_inner, n); decay_step (l, d_inner), the
+    Δ_t A_scale_t in exp(Δ_t A_scale_t A) (= delta unless A is selective). Exactly what the layer's selective scan
+    receives: the mixer's own ssm_params on the scan's input u, read by a hook on the mixer's activation."""
     mixers = [layer.mixer for layer in model.backbone.layers]
-    seen = {}  # layer index -> x_proj's input u (1, l, d_inner)
+    seen = {}  # layer index -> u, the activation's output (1, d_inner, l)
 
     def keeper(i):
         def hook(module, args, output):  # returns None: the forward pass goes on unchanged
-            seen[i] = args[0]
+            seen[i] = output
         return hook
 
-    hooks = [m.x_proj.register_forward_hook(keeper(i)) for i, m in enumerate(mixers)]
+    hooks = [m.act.register_forward_hook(keeper(i)) for i, m in enumerate(mixers)]
     try:
         model(ids)
     finally:
@@ -60,17 +63,26 @@ def capture(model, ids):
             hook.remove()
     layers = []
     for i, mixer in enumerate(mixers):
-        dt, B, C, A = mixer._ssm_params(seen[i])  # dt (1, l, d_inner) without its bias
-        delta = F.softplus(dt.float() + mixer.dt_proj.bias.float())
-        layers.append({"delta": delta[0], "B": B[0].float(), "C": C[0].float(), "A": A})
+        p = mixer.ssm_params(seen[i].transpose(1, 2))
+        delta = F.softplus(p["dt"].float() + p["dt_bias"])[0]  # the bias and softplus the scan applies
+        B, C = (p[k][0].float() if mixer.selective[k] else p[k].detach().float() for k in ("B", "C"))
+        step = delta if p["A_scale"] is None else delta * p["A_scale"][0]
+        layers.append({"delta": delta, "B": B, "C": C, "A": p["A"], "decay_step": step,
+                       "fixed": [k for k in ("B", "C") if not mixer.selective[k]]})
     return layers
 
 
 def per_token(layers):
-    """The plotted statistics, per layer a dict of (l,) tensors: mean Δ over channels, |B_t|, |C_t| (L2 over n), and
-    survival = mean over (d_inner, n) of exp(Δ_t A), the fraction of the state that survives step t."""
-    return [{"delta": L["delta"].mean(-1), "B_norm": L["B"].norm(dim=-1), "C_norm": L["C"].norm(dim=-1),
-             "survival": torch.exp(L["delta"][:, :, None] * L["A"]).mean((1, 2))} for L in layers]
+    """The plotted statistics, per layer a dict of (l,) tensors: mean Δ over channels, |B_t|, |C_t| (L2 over n; for
+    a fixed matrix, its rows' mean norm at every token), and survival = mean over (d_inner, n) of exp(Δ_t A), the
+    fraction of the state that survives step t (exp(Δ_t A_t) with a selective A)."""
+    out = []
+    for L in layers:
+        l = L["delta"].shape[0]
+        norm = {k: L[k].norm(dim=-1).mean().expand(l) if k in L["fixed"] else L[k].norm(dim=-1) for k in ("B", "C")}
+        out.append({"delta": L["delta"].mean(-1), "B_norm": norm["B"], "C_norm": norm["C"],
+                    "survival": torch.exp(L["decay_step"][:, :, None] * L["A"]).mean((1, 2))})
+    return out
 
 
 def token_labels(tokenizer, ids):
@@ -99,9 +111,10 @@ def context(labels, t, left=6):
     return "".join(visible[:-1]) + f"[{visible[-1]}]"
 
 
-def summarize(labels, stats, k=5):
+def summarize(labels, stats, k=5, classes=None):
     """Per layer: the k tokens with the largest and smallest mean Δ as (position, Δ), the mean Δ per character
-    (characters seen at least twice), and overall means. Returns a list of dicts (JSON-able)."""
+    (characters seen at least twice), and overall means; with classes (a task's kind of each token: noise, data,
+    ...), the mean Δ per class and, for Selective Copying, its data/noise ratio. Returns a list of dicts (JSON-able)."""
     out = []
     for s in stats:
         delta = s["delta"]
@@ -115,6 +128,12 @@ def summarize(labels, stats, k=5):
                     "by_char": dict(sorted(by_char.items(), key=lambda kv: -kv[1])),
                     "mean_delta": delta.mean().item(), "mean_survival": s["survival"].mean().item(),
                     "mean_B_norm": s["B_norm"].mean().item(), "mean_C_norm": s["C_norm"].mean().item()})
+        if classes:
+            by_class = {c: delta[[t for t, k in enumerate(classes) if k == c]].mean().item()
+                        for c in sorted(set(classes))}
+            out[-1]["by_class"] = by_class
+            if {"data", "noise"} <= set(by_class):
+                out[-1]["data_noise_ratio"] = by_class["data"] / by_class["noise"]
     return out
 
 
@@ -127,6 +146,10 @@ def print_summary(labels, summary, file=None):
             print(f"  {name} Δ: {tokens}", file=file)
         top = ", ".join(f"{c!r} {d:.3g}" for c, d in list(s["by_char"].items())[:5])
         print(f"  characters with the largest mean Δ: {top or '(none seen twice)'}", file=file)
+        if "by_class" in s:
+            ratio = f"; data/noise ratio {s['data_noise_ratio']:.3g}" if "data_noise_ratio" in s else ""
+            print("  mean Δ by kind of token: " + ", ".join(f"{c} {d:.3g}" for c, d in s["by_class"].items())
+                  + ratio, file=file)
 
 
 def grid(cells):
@@ -177,11 +200,19 @@ def draw(cells, stats, path, title):
     plt.close(fig)
 
 
-def look_inside(ckpt, text=None, ids=None, out="delta.png", json_path=None, max_tokens=512, file=None):
-    """Load ckpt, run text (or token ids) through the model, write the PNG (and the JSON), print the summary to
-    file (None: stdout).
+def look_inside(ckpt, text=None, ids=None, out="delta.png", json_path=None, max_tokens=512, file=None,
+                task_example=None):
+    """Load ckpt, run text (or token ids, or with task_example = a seed, one example of the checkpoint's task at its
+    training length) through the model, write the PNG (and the JSON), print the summary to file (None: stdout).
     Returns {"ids", "labels", "layers": capture()'s list, "stats": per_token()'s list, "summary"}."""
-    model, tokenizer, _ = load_checkpoint(ckpt)
+    model, tokenizer, ckpt_dict = load_checkpoint(ckpt)
+    if task_example is not None:
+        data = ckpt_dict["config"]["data"]
+        if data.get("task", "none") == "none":
+            die(f"--task-example: {ckpt} was trained on text, not on a task")
+        x, _ = make_batch(data["task"], data["task_vocab"], data["task_tokens"], 1,
+                          ckpt_dict["config"]["training"]["seq_len"], torch.Generator().manual_seed(task_example))
+        ids = x[0].tolist()
     if ids is None:
         try:
             ids = tokenizer.encode(text)
@@ -199,7 +230,8 @@ def look_inside(ckpt, text=None, ids=None, out="delta.png", json_path=None, max_
     layers = capture(model, torch.tensor([ids]))
     stats = per_token(layers)
     labels = token_labels(tokenizer, ids)
-    summary = summarize(labels, stats)
+    classes = [tokenizer.token_class(i) for i in ids] if hasattr(tokenizer, "token_class") else None
+    summary = summarize(labels, stats, classes=classes)
     print_summary(labels, summary, file)
     draw([shown(lab, i) for lab, i in zip(labels, ids)], stats, out, f"{ckpt}: {len(ids)} tokens")
     print(f"wrote {out}", file=file)
@@ -219,6 +251,8 @@ def main(argv=None):
     source.add_argument("--text", help="the text to look at (default: a short Python function)")
     source.add_argument("--text-file", help="read the text from this UTF-8 file")
     source.add_argument("--ids", help="comma-separated token ids, e.g. a task example that is not text")
+    source.add_argument("--task-example", type=int, metavar="SEED",
+                        help="one example of the checkpoint's task (Selective Copying, ...) drawn with this seed")
     parser.add_argument("--out", default="delta.png", help="the PNG to write (default: delta.png)")
     parser.add_argument("--json", help="also write the per-token numbers and the summary to this JSON file")
     parser.add_argument("--max-tokens", type=int, default=512, help="look at the first this many tokens (512)")
@@ -235,8 +269,9 @@ def main(argv=None):
             ids = [int(i) for i in args.ids.split(",")]
         except ValueError:
             die(f"--ids must be comma-separated integers, got {args.ids!r}")
-    look_inside(args.ckpt, DEFAULT_TEXT if text is None and ids is None else text, ids, args.out, args.json,
-                args.max_tokens)
+    default = text is None and ids is None and args.task_example is None
+    look_inside(args.ckpt, DEFAULT_TEXT if default else text, ids, args.out, args.json, args.max_tokens,
+                task_example=args.task_example)
 
 
 if __name__ == "__main__":

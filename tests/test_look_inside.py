@@ -142,6 +142,43 @@ def test_bad_input_stops_with_one_line(ckpt, tmp_path, capsys):
         assert not (tmp_path / "x.png").exists()
 
 
+def test_task_example_with_ablation_switches(tmp_path, capsys):
+    """A Selective Copying checkpoint whose model has a fixed B and a selective A: the reported Δ and decay step
+    are the scan's (Δ from its dt and bias, the decay step Δ·A_scale), and the data/noise ratio is the ratio of
+    the mean Δ over the example's data tokens and noise tokens, recounted here from the token ids."""
+    from tasks import TaskTokenizer, selective_copying
+
+    torch.manual_seed(0)
+    config = MambaConfig(d_model=32, n_layer=2, vocab_size=16, selective_B=False, selective_A=True)
+    model = MambaLM(config)
+    path = tmp_path / "task.pt"
+    checkpoint.save_checkpoint({
+        "format": checkpoint.CKPT_FORMAT, "step": 0, "model": model.state_dict(), "optimizer": {},
+        "rng": {"torch": torch.get_rng_state(), "cuda": None}, "data_rng": [torch.Generator().get_state()],
+        "world_size": 1, "replicas": [checkpoint.model_fingerprint(model.state_dict())],
+        "config": {"model": asdict(config), "data": {"task": "selective_copying", "task_vocab": 16, "task_tokens": 4},
+                   "training": {"seq_len": 40}},
+        "tokenizer": TaskTokenizer("selective_copying", 16).state_dict(), "metrics": {}}, path)
+    result = look_inside.look_inside(path, out=tmp_path / "task.png", task_example=7)
+    ids = selective_copying(1, 40, 16, 4, torch.Generator().manual_seed(7))[0][0].tolist()
+    assert result["ids"] == ids and "".join(result["labels"]) == TaskTokenizer("selective_copying", 16).decode(ids)
+    calls = scan_calls(model.eval())
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for mine, summary, (args, kwargs, _) in zip(result["layers"], result["summary"], calls):
+        dt = args[1][0]
+        delta = F.softplus(dt + kwargs["delta_bias"][:, None]).T                       # (l, d_inner)
+        torch.testing.assert_close(mine["delta"], delta, rtol=0, atol=1e-6)
+        torch.testing.assert_close(mine["decay_step"], delta * kwargs["A_scale"][0].T, rtol=0, atol=1e-6)
+        torch.testing.assert_close(mine["B"], args[3], rtol=0, atol=0)                  # the fixed (d_inner, n) B
+        per_token = delta.mean(1)
+        data = per_token[[t for t, i in enumerate(ids) if i >= 2]].mean()
+        noise = per_token[[t for t, i in enumerate(ids) if i == 0]].mean()
+        assert summary["data_noise_ratio"] == pytest.approx((data / noise).item(), rel=1e-5)
+    assert "data/noise ratio" in capsys.readouterr().out
+    assert (tmp_path / "task.png").read_bytes().startswith(PNG)
+
+
 def test_make_figures_writes_both_diagrams(tmp_path):
     sys.path.insert(0, str(ROOT / "assets"))
     try:
