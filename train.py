@@ -183,12 +183,15 @@ def batch_drawer(data_cfg: DataConfig, tokens, cfg: TrainConfig):
     return lambda generator: get_batch(tokens, cfg.batch_size, cfg.seq_len, generator)
 
 
-def fixed_val_batches(draw, cfg: TrainConfig, task: bool) -> list:
+def fixed_val_batches(data_cfg: DataConfig, tokens, cfg: TrainConfig) -> list:
     """The validation batches every evaluation uses: drawn once from a generator seeded with the
     seed, so successive evaluations (and resumed runs) measure the same examples. Text validation
-    windows come from their own split; task examples from a stream apart from the training ones,
-    which are seeded seed + rank (CPU generators keep 32 bits of a seed: the offset must be smaller)."""
+    windows come from their own split (``tokens``); task examples from a stream apart from the
+    training ones, which are seeded seed + rank (CPU generators keep 32 bits of a seed: the offset
+    must be smaller than that)."""
+    task = data_cfg.task != "none"
     generator = torch.Generator().manual_seed(cfg.seed + 999_983 * task)
+    draw = batch_drawer(data_cfg, tokens, cfg)
     return [draw(generator) for _ in range(cfg.eval_batches)]
 
 
@@ -324,7 +327,7 @@ def _run(model_cfg, data_cfg, cfg: TrainConfig, rt: Runtime, resume: bool) -> di
     fwd = torch.compile(raw) if cfg.compile else raw
     model = torch.nn.parallel.DistributedDataParallel(fwd) if rt.world > 1 else fwd
     draw = batch_drawer(data_cfg, None if task else data.train, cfg)
-    val_batches = fixed_val_batches(batch_drawer(data_cfg, None if task else data.val, cfg), cfg, task)
+    val_batches = fixed_val_batches(data_cfg, None if task else data.val, cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world
     started = time.perf_counter()
     window = {"tokens": 0, "seconds": 0.0}  # throughput since the last evaluation

@@ -263,8 +263,9 @@ def test_fine_tune_from_a_transformers_directory_then_export(hf_dir, tmp_path):
     assert ckpt["tokenizer"]["kind"] == "hf"
     # Step 0 was evaluated with the pretrained weights: the same loss as transformers' model on those batches.
     cfg = TrainConfig(**ckpt["config"]["training"])
-    data = load_dataset(DataConfig(**ckpt["config"]["data"]), HFTokenizer((folder / "tokenizer.json").read_text()))
-    batches = train.fixed_val_batches(data.val, cfg)
+    data_cfg = DataConfig(**ckpt["config"]["data"])
+    data = load_dataset(data_cfg, HFTokenizer((folder / "tokenizer.json").read_text()))
+    batches = train.fixed_val_batches(data_cfg, data.val, cfg)
     losses = [F.cross_entropy(logits(hf, x).flatten(0, 1), y.flatten()) for x, y in batches]
     assert math.isclose(ckpt["metrics"]["history"][0]["val_loss"], torch.stack(losses).mean().item(), rel_tol=1e-5)
     assert ckpt["metrics"]["history"][-1]["val_loss"] < ckpt["metrics"]["history"][0]["val_loss"]

@@ -81,7 +81,7 @@ def test_training_lowers_the_loss_and_writes_its_files(corpus, tmp_path):
     # Independent check of the logged number: the loaded checkpoint's plain cross-entropy on the same batches.
     model, tokenizer, _ = checkpoint.load_checkpoint(out / "ckpt.pt")
     data = load_dataset(corpus)
-    batches = train.fixed_val_batches(train.batch_drawer(corpus, data.val, tiny_train(out)), tiny_train(out), False)
+    batches = train.fixed_val_batches(corpus, data.val, tiny_train(out))
     with torch.no_grad():
         losses = [F.cross_entropy(model(x).transpose(1, 2), y).item() for x, y in batches]
     assert math.isclose(sum(losses) / len(losses), last, rel_tol=1e-5)
@@ -188,8 +188,7 @@ def test_impossible_training_settings_are_refused_by_name(field, value, words):
 def test_evaluation_uses_a_fixed_set_of_batches_and_is_deterministic(corpus):
     data = load_dataset(corpus)
     cfg = tiny_train("unused", eval_batches=3)
-    draw = train.batch_drawer(corpus, data.val, cfg)
-    batches, again = train.fixed_val_batches(draw, cfg, False), train.fixed_val_batches(draw, cfg, False)
+    batches, again = train.fixed_val_batches(corpus, data.val, cfg), train.fixed_val_batches(corpus, data.val, cfg)
     assert len(batches) == 3 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                                      for a, b in zip(batches, again))
     torch.manual_seed(0)
@@ -209,9 +208,8 @@ def test_task_evaluation_counts_only_the_answers():
     that are not the training examples (a separate stream of the same seed)."""
     data = DataConfig(task="selective_copying", task_vocab=8, task_tokens=3)
     cfg = tiny_train("unused", eval_batches=2, seq_len=20)
-    draw = train.batch_drawer(data, None, cfg)
-    val = train.fixed_val_batches(draw, cfg, True)
-    first_train = draw(torch.Generator().manual_seed(cfg.seed))
+    val = train.fixed_val_batches(data, None, cfg)
+    first_train = train.batch_drawer(data, None, cfg)(torch.Generator().manual_seed(cfg.seed))
     assert not torch.equal(val[0][0], first_train[0])
     torch.manual_seed(0)
     model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=8))
