@@ -80,7 +80,7 @@ def text_pieces(tokenizer, token_ids):
     (and prints U+FFFD for a sequence that can never be valid, as decoding all at once would).
     A tokenizer.json's byte-level BPE tokens can split a character too: tokenizers' DecodeStream
     holds them back the same way."""
-    if tokenizer.unit == "token":
+    if hasattr(tokenizer, "decode_stream"):  # a tokenizer.json's
         yield from tokenizer.decode_stream(token_ids)
     elif tokenizer.unit == "byte":  # the byte tokenizer's ids are the byte values
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -141,6 +141,16 @@ def test_task_checkpoint_evaluates_at_other_lengths(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "the length >= 2 * task_tokens" in bad.stderr
 
 
+def test_generate_reads_and_prints_a_task_checkpoints_symbols(tmp_path):
+    run_task(tmp_path, "short", 2)
+    result = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--ckpt", str(tmp_path / "short" / "ckpt.pt"),
+                             "--prompt", "..a...b.|", "--max-new-tokens", "3", "--temperature", "0"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.strip()
+    assert out.startswith("..a...b.|") and len(out) == 12 and set(out) <= set(".|abc")
+
+
 @pytest.mark.parametrize("name", ["selective_copying", "induction_heads"])
 def test_shipped_task_configs_parse(name):
     from main import load_config
