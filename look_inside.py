@@ -114,7 +114,8 @@ def context(labels, t, left=6):
 def summarize(labels, stats, k=5, classes=None):
     """Per layer: the k tokens with the largest and smallest mean Δ as (position, Δ), the mean Δ per character
     (characters seen at least twice), and overall means; with classes (a task's kind of each token: noise, data,
-    ...), the mean Δ per class and, for Selective Copying, its data/noise ratio. Returns a list of dicts (JSON-able)."""
+    ...), the mean Δ per class and, for Selective Copying, its data/noise ratio. Returns a list of dicts
+    (JSON-able)."""
     out = []
     for s in stats:
         delta = s["delta"]

@@ -246,10 +246,11 @@ class MambaMixer(nn.Module):
         # padding = d_conv - 1 on both sides; the first l outputs only see the past: the conv is causal.
         u = self.act(self.conv1d(x)[..., :l])
         p = self.ssm_params(u.transpose(1, 2))            # time-major (b, l, ...) like x_proj's output
-        B, C, A_scale = (t if t is None or t.dim() == 2 else t.transpose(1, 2) for t in (p["B"], p["C"], p["A_scale"]))
+        # selective: (b, n, l) as the official kernel takes them; fixed: the (d_inner, n) matrix itself
+        B, C = (p[k].transpose(1, 2) if self.selective[k] else p[k] for k in ("B", "C"))
+        selective_A = {} if p["A_scale"] is None else {"A_scale": p["A_scale"].transpose(1, 2)}  # not official
         y = self.scan(u, p["dt"].transpose(1, 2), p["A"], B, C, self.D.float(), z=z, delta_bias=p["dt_bias"],
-                      delta_softplus=True, return_last_state=cache is not None,
-                      **({} if A_scale is None else {"A_scale": A_scale}))  # official scans lack A_scale
+                      delta_softplus=True, return_last_state=cache is not None, **selective_A)
         if cache is not None:
             y, last_state = y
             ssm_state.copy_(last_state)
@@ -357,7 +358,8 @@ class MambaLM(nn.Module):
     def optim_groups(self, weight_decay):
         """AdamW parameter groups: weight decay on the mixers' Linear weight matrices (in_proj, x_proj, dt_proj,
         A_proj, out_proj) only. Not on A_log and D (official _no_weight_decay: decay would pull A towards -1 and the
-        skip towards 0), nor on the other SSM parameters of the ablations (fixed B, C, dt_bias, as S4 does), biases and norm gains (scales/offsets, not interactions), the conv filters (d_conv numbers per
+        skip towards 0), nor on the other SSM parameters of the ablations (fixed B, C, dt_bias, as S4 does), biases
+        and norm gains (scales/offsets, not interactions), the conv filters (d_conv numbers per
         channel, a gain more than a matrix), nor the embedding / lm_head (a lookup table: a row gets gradient only
         when its token occurs, while decay would shrink rare tokens' rows at every step)."""
         decayed = ("in_proj.weight", "x_proj.weight", "dt_proj.weight", "A_proj.weight", "out_proj.weight")

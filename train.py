@@ -322,7 +322,8 @@ def _run(model_cfg, data_cfg, cfg: TrainConfig, rt: Runtime, resume: bool) -> di
         examples = (f"task {data_cfg.task}, fresh examples every step" if task else
                     f"{len(data.train):,} train and {len(data.val):,} val {tokenizer.unit}s")
         print(f"{raw.num_params() / 1e6:.2f}M parameters; device {rt.device} ({str(rt.dtype)[6:]}), "
-              f"{rt.world} process{'es' * (rt.world > 1)}; {examples}" + (f"; resuming at step {step}" if resume else ""))
+              f"{rt.world} process{'es' * (rt.world > 1)}; {examples}"
+              + (f"; resuming at step {step}" if resume else ""))
 
     fwd = torch.compile(raw) if cfg.compile else raw
     model = torch.nn.parallel.DistributedDataParallel(fwd) if rt.world > 1 else fwd
@@ -338,7 +339,8 @@ def _run(model_cfg, data_cfg, cfg: TrainConfig, rt: Runtime, resume: bool) -> di
         count = state["train_loss_count"]
         row = {"step": step, "train_loss": state["train_loss_sum"] / count if count else None,
                "val_loss": val, "val_bits": val / math.log(2), "val_ppl": math.exp(min(val, 700.0)),
-               "val_accuracy": accuracy, "lr": lr_at(step, cfg), "tokens_per_s": window["tokens"] / window["seconds"] if count else None,
+               "val_accuracy": accuracy, "lr": lr_at(step, cfg),
+               "tokens_per_s": window["tokens"] / window["seconds"] if count else None,
                "elapsed_s": state["elapsed_s"] + time.perf_counter() - started}
         state["history"].append(row)
         state.update(best_val_loss=min(state["best_val_loss"], val), train_loss_sum=0.0, train_loss_count=0)
