@@ -87,14 +87,14 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     b, d, l = u.shape
     # unbind gives every step a view whose gradients autograd gathers in one stack; indexing
     # x[:, :, t] instead would allocate a full-size gradient per step (quadratic backward).
-    steps = zip(delta.unbind(-1), u.unbind(-1),
+    decay_step = delta if A_scale is None else delta * A_scale    # the Δ_t in exp(Δ_t A)
+    steps = zip(decay_step.unbind(-1), (delta * u).unbind(-1),
                 [B] * l if B.dim() == 2 else B[:, None].unbind(-1),
-                [C] * l if C.dim() == 2 else C[:, None].unbind(-1),
-                delta.unbind(-1) if A_scale is None else (delta * A_scale).unbind(-1))
+                [C] * l if C.dim() == 2 else C[:, None].unbind(-1))
     h = u.new_zeros(b, d, A.shape[1])
     ys = []
-    for delta_t, u_t, B_t, C_t, decay_step in steps:   # decay_step = Δ_t (times A_scale_t)
-        h = torch.exp(decay_step[..., None] * A) * h + (delta_t * u_t)[..., None] * B_t
+    for step_t, x_t, B_t, C_t in steps:                  # x_t = Δ_t u_t, Euler's input term
+        h = torch.exp(step_t[..., None] * A) * h + x_t[..., None] * B_t
         ys.append((h * C_t).sum(-1))
     y = _finish(torch.stack(ys, dim=-1), u, D, z, out_dtype)
     return (y, h) if return_last_state else y

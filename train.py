@@ -207,9 +207,9 @@ def evaluate(model, batches: list, rt: Runtime, vocab_size: int) -> tuple[float,
         with rt.autocast():
             logits = model(x.to(rt.device))
         y = y.to(rt.device)
-        scored = (y != IGNORE).sum()
-        right = ((logits[..., :vocab_size].argmax(-1) == y) & (y != IGNORE)).sum()
-        total += torch.stack([next_token_loss(logits, y).double() * scored, right, scored]).double()
+        scored = y != IGNORE
+        right = (logits[..., :vocab_size].argmax(-1) == y)[scored].sum()
+        total += torch.stack([next_token_loss(logits, y).double() * scored.sum(), right, scored.sum()]).double()
     if rt.world > 1:
         dist.all_reduce(total)
     model.train(was_training)
