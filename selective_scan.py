@@ -29,13 +29,16 @@ measured here it is 2-6x slower than the loop on CPU. We use a two-level chunked
 sequence is cut into nc chunks of T steps, and:
   1. every chunk is scanned from a zero state, all chunks at once (a loop of T steps over
      (b, nc, n, d) slabs), to find where each chunk's state would end;
-  2. a loop over the nc chunks chains those ends: start_{c+1} = exp(A ΣΔ_c) start_c + end_c;
+  2. the chunks' ends are chained, start_{c+1} = exp(A ΣΔ_c) start_c + end_c, by a log-depth
+     (Hillis-Steele) scan over the nc chunks;
   3. every chunk is scanned again from its true starting state, emitting y_t.
-nc is chosen so that one step's slab is about 1 MiB (it stays in cache across the step's few
-operations) and at most sqrt(l); with large b*d that gives nc = 1, a plain scan, and level 1
-is skipped. Only multiplications by exp(Δ A) <= 1 appear, exactly as in the sequential loop,
-so nothing overflows for any Δ >= 0 and A < 0 (unlike closed forms that divide by cumulative
-products or take a cumsum of exp). Python iterations: about 2T + nc forward instead of l.
+On CPU nc is chosen so that one step's slab is about 1 MiB (it stays in cache across the step's
+few operations) and at most sqrt(l); with large b*d that gives nc = 1, a plain scan, and level 1
+is skipped. On a GPU every operation costs a kernel launch whatever its size, so the chunks are
+short instead (T = 4 to 16, nc = l / T) and the log-depth chain keeps the launches few (_chunk_len).
+Only multiplications by exp(Δ A) <= 1 appear, exactly as in the sequential loop, so nothing
+overflows for any Δ >= 0 and A < 0 (unlike closed forms that divide by cumulative
+products or take a cumsum of exp). Python iterations: about 2T + log2(nc) forward instead of l.
 Backward is a custom autograd function, with the same two levels run backwards in time for the
 adjoint λ_t = C_t g_t + exp(Δ_{t+1} A) λ_{t+1}, and every gradient read off λ_t and h_t.
 exp(Δ A) is computed once for all steps (exp costs ~10 multiplications on CPU) and kept with
@@ -125,13 +128,22 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
 # Inside the fast path a state slab is laid out (b, nc, n, d): channels innermost, so the sums
 # over n (readout) and over d (gradients of B and C) both run over contiguous memory.
 
-def _chunk_len(l, slab):
+def _chunk_len(l, slab, on_gpu):
     """Steps per chunk T, given slab = b*n*d elements per chunk and step.
 
-    Enough chunks in parallel that one step works on ~2^18 elements (1 MiB: the slab stays in a
-    core's L2 cache through the step's few operations), but no more than sqrt(l) of them, since
-    level two loops over the chunks. Large b*d gets a single chunk: a plain sequential scan.
+    On CPU: enough chunks in parallel that one step works on ~2^18 elements (1 MiB: the slab stays
+    in a core's L2 cache through the step's few operations), but no more than sqrt(l) of them,
+    which keeps the chain (level two) small. Large b*d gets a single chunk: a plain sequential scan.
+    On a GPU, kernel launches (13-18 us each on an H200) and memory passes share the cost: a step
+    of a chunk launches about 16 kernels forward plus backward, whatever its size, while the
+    log-depth chain passes over memory about 11 log2(nc) / T times the full (b, d, n, l) size. So
+    short chunks win on small problems and long ones on large: measured on an H200 over T = 4, 8,
+    16 (fwd+bwd, median of 5), T = 4 was fastest at 1x1536x1024 and 8x512x256, T = 16 at
+    8x1536x1024 and 8x1536x4096 (b x d x l, n = 16), and a fit of those times puts the best T near
+    sqrt(b d n l) / 1024, used here within the measured 4..16.
     """
+    if on_gpu:
+        return min(l, max(4, min(16, round(math.sqrt(slab * l) / 1024))))
     nc = max(1, min(2 ** 18 // slab, math.isqrt(l)))
     return -(-l // nc)
 
@@ -180,17 +192,35 @@ def _sum_d(S, v, out, selective):
         out.copy_((S * v).sum_to_size(out.shape))
 
 
-def _chain(entering, local, decay, carry, chunks):
+def _chain(local, decay, carry, reverse=False):
     """Level two of the scan: what enters chunk c+1 = decay_c * (what entered chunk c) + local_c.
 
-    local, decay: (b, nc, n, d), local being each chunk's result from a zero start; carry: what
-    enters the first chunk visited. chunks gives the order (reversed for the adjoint, which
-    runs backwards in time). Fills entering (b, nc, n, d); returns what leaves the last chunk.
+    local, decay: (b, nc, n, d), local being each chunk's result from a zero start (both are
+    overwritten); carry: (b, n, d) entering the first chunk visited, or None for zeros; reverse:
+    visit the chunks last to first (the adjoint runs backwards in time). Returns what enters every
+    chunk, (b, nc, n, d). A Hillis-Steele scan over the chunk axis: in round k every chunk takes in
+    the partial result of the chunk k before it, so log2(nc) rounds of whole-tensor operations
+    replace a loop of nc small ones (on a GPU each operation costs a launch). The decays multiplied
+    together are products of exp(Δ A) <= 1, as in the sequential loop: nothing can overflow.
     """
-    for c in chunks:
-        entering[:, c] = carry
-        carry = torch.addcmul(local[:, c], decay[:, c], carry)
-    return carry
+    nc = local.shape[1]
+    if reverse:
+        first, later, earlier = -1, slice(None, -1), slice(1, None)
+    else:
+        first, later, earlier = 0, slice(1, None), slice(None, -1)
+    if carry is not None:
+        local[:, first].addcmul_(decay[:, first], carry)
+    k = 1
+    while k < nc:                          # round k: chunk c takes in chunk c - k's (c + k's in reverse)
+        dst, src = (slice(None, -k), slice(k, None)) if reverse else (slice(k, None), slice(None, -k))
+        local[:, dst].add_(decay[:, dst] * local[:, src])  # the product is computed before the add
+        if 2 * k < nc:
+            decay[:, dst] = decay[:, dst] * decay[:, src]
+        k *= 2
+    entering = torch.empty_like(local)     # local now holds what leaves each chunk: shift by one
+    entering[:, first] = 0 if carry is None else carry
+    entering[:, later] = local[:, earlier]
+    return entering
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -205,7 +235,7 @@ class _SelectiveScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, A_scale, keep):
         b, d, l = u.shape
         n = A.shape[1]
-        T = _chunk_len(l, b * n * d)
+        T = _chunk_len(l, b * n * d, u.is_cuda)
         u, dt, Bs, Cs = _chunk_inputs(u, delta, B, C, T)    # u, dt: (T, b, nc, 1, d)
         scale = None if A_scale is None else _to_chunks(A_scale, T)[..., None, :]
         step = dt if scale is None else dt * scale  # the step in exp(Δ_t A_scale_t A)
@@ -216,13 +246,14 @@ class _SelectiveScan(torch.autograd.Function):
         # mapping (and zeroing) fresh pages for a full-size tensor at every call.
         dA = [torch.mul(step[t], A.t()).exp_() for t in range(T)]
 
-        starts = u.new_zeros(b, nc, n, d)
-        if nc > 1:
+        if nc == 1:
+            starts = u.new_zeros(b, 1, n, d)
+        else:
             h = u.new_zeros(b, nc, n, d)            # 1. each chunk from a zero state
             for t in range(T):
                 h.mul_(dA[t]).addcmul_(x[t], Bs[t])
             decay = torch.exp(step.sum(0) * A.t())  # exp(A ΣΔ): the product of a chunk's exp(Δ_t A)
-            _chain(starts, h, decay, u.new_zeros(b, n, d), range(nc))       # 2. chain them
+            starts = _chain(h, decay, None)                                    # 2. chain them
 
         # 3. scan every chunk from its true start, emitting y. For backward keep every state:
         # recomputing them there would cost a pass as long as this one.
@@ -251,16 +282,17 @@ class _SelectiveScan(torch.autograd.Function):
 
         # The adjoint λ_t = dL/dh_t obeys the same recurrence backwards in time,
         # λ_t = C_t g_t + exp(Δ_{t+1} A) λ_{t+1}, so the same two levels compute it.
-        ends = torch.zeros_like(starts)
-        if glast is not None:
-            ends[:, -1] = glast.transpose(-1, -2)
-        if nc > 1:
+        last = None if glast is None else glast.transpose(-1, -2)        # (b, n, d)
+        if nc == 1:
+            ends = torch.zeros_like(starts)
+            if last is not None:
+                ends[:, 0] = last
+        else:
             lam = torch.zeros_like(starts)          # 1. each chunk from a zero adjoint
             for t in reversed(range(T)):
                 lam.addcmul_(g[t], Cs[t]).mul_(dA[t])
             decay = torch.exp(step.sum(0) * A.t())  # 2. chain the chunks, right to left
-            _chain(ends, lam, decay, ends[:, -1].clone(), reversed(range(nc)))
-
+            ends = _chain(lam, decay, last, reverse=True)
         lam, w = ends, torch.empty_like(starts)    # 3. scan each chunk back from its true end
         g_step, g_x = torch.empty_like(u), torch.empty_like(u)   # dL/d(decay step), dL/d(Δ_t u_t)
         g_B = u.new_empty((T,) + Bs.shape[1:])

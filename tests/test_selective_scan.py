@@ -231,6 +231,26 @@ def test_gradients_match_reference(l, layout, dtype, tol):
         assert rel_err(g_fn[k], g_ref[k]) < tol, (k, rel_err(g_fn[k], g_ref[k]))
 
 
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1]], ids=LAYOUT_IDS[:2])
+@pytest.mark.parametrize("l", [1, 2, 100, 1000])
+def test_gpu_chunk_rule_on_cpu(l, layout, monkeypatch):
+    """On CUDA the chunks are short and many (here T = 4: 250 chunks at l = 1000, whose chain takes 8
+    rounds of the log-depth scan); CI has no GPU, so the CPU runs that chunking here: forward
+    against the truth, gradients against the reference."""
+    import selective_scan
+    gpu_rule = selective_scan._chunk_len
+    assert [gpu_rule(l_, 2 * 3 * 4, True) for l_ in (1, 2, 100, 1000)] == [1, 2, 4, 4]
+    assert [gpu_rule(l_, 8 * 16 * 1536, True) for l_ in (256, 1024, 4096)] == [7, 14, 16]
+    monkeypatch.setattr(selective_scan, "_chunk_len", lambda l_, slab, on_gpu: gpu_rule(l_, slab, True))
+    kw = make_inputs(2, 3, 4, l, *layout, dtype=torch.float64, seed=200 + l)
+    check_against_truth(kw, 1e-10, scans=("fn",))
+    gy = torch.randn((2, 3, l), generator=torch.Generator().manual_seed(l), dtype=torch.float64)
+    gh = torch.randn((2, 3, 4), generator=torch.Generator().manual_seed(l + 1), dtype=torch.float64)
+    g_fn, g_ref = grads_of(selective_scan_fn, kw, gy, gh), grads_of(selective_scan_ref, kw, gy, gh)
+    for k in g_ref:
+        assert rel_err(g_fn[k], g_ref[k]) < 1e-10, (k, rel_err(g_fn[k], g_ref[k]))
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("b,d,n", [(2, 1, 4), (1, 1, 1), (1, 3, 1)])
 def test_gradients_degenerate_sizes(b, d, n, layout):
