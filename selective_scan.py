@@ -223,6 +223,13 @@ def _chain(local, decay, carry, reverse=False):
     return entering
 
 
+def _log2_rate(A):
+    """A (d, n) -> (n, d) times log2(e), so that exp(Δ A) = exp2(Δ A log2(e)). PyTorch's exp2 runs
+    2.6x faster than its exp on this CPU (AVX-512, one (4, 1, 16, 768) slab: 16 vs 44 us), and
+    the rescaled exponent costs one more rounding, of the size the product Δ A already has."""
+    return (A.t() * math.log2(math.e)).contiguous()
+
+
 class _SelectiveScan(torch.autograd.Function):
     """y = <C_t, h_t> with h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, by the two-level chunked scan.
 
@@ -244,7 +251,8 @@ class _SelectiveScan(torch.autograd.Function):
         # exp(Δ_t A), (b, nc, n, d) for every step, and below the states h_t: kept as one slab per
         # step rather than one (T, ...) tensor, so the allocator reuses freed slabs instead of
         # mapping (and zeroing) fresh pages for a full-size tensor at every call.
-        dA = [torch.mul(step[t], A.t()).exp_() for t in range(T)]
+        A2 = _log2_rate(A)
+        dA = [torch.mul(step[t], A2).exp2_() for t in range(T)]
 
         if nc == 1:
             starts = u.new_zeros(b, 1, n, d)
@@ -252,7 +260,7 @@ class _SelectiveScan(torch.autograd.Function):
             h = u.new_zeros(b, nc, n, d)            # 1. each chunk from a zero state
             for t in range(T):
                 h.mul_(dA[t]).addcmul_(x[t], Bs[t])
-            decay = torch.exp(step.sum(0) * A.t())  # exp(A ΣΔ): the product of a chunk's exp(Δ_t A)
+            decay = torch.exp2(step.sum(0) * A2)    # exp(A ΣΔ): the product of a chunk's exp(Δ_t A)
             starts = _chain(h, decay, None)                                    # 2. chain them
 
         # 3. scan every chunk from its true start, emitting y. For backward keep every state:
@@ -291,14 +299,14 @@ class _SelectiveScan(torch.autograd.Function):
             lam = torch.zeros_like(starts)          # 1. each chunk from a zero adjoint
             for t in reversed(range(T)):
                 lam.addcmul_(g[t], Cs[t]).mul_(dA[t])
-            decay = torch.exp(step.sum(0) * A.t())  # 2. chain the chunks, right to left
+            decay = torch.exp2(step.sum(0) * _log2_rate(A))    # 2. chain the chunks, right to left
             ends = _chain(lam, decay, last, reverse=True)
         lam, w = ends, torch.empty_like(starts)    # 3. scan each chunk back from its true end
         g_step, g_x = torch.empty_like(u), torch.empty_like(u)   # dL/d(decay step), dL/d(Δ_t u_t)
         g_B = u.new_empty((T,) + Bs.shape[1:])
         g_C = u.new_empty((T,) + Cs.shape[1:])
         g_A = torch.zeros_like(starts)
-        At, (sel_B, sel_C) = A.t(), ctx.selective
+        At, (sel_B, sel_C) = A.t().contiguous(), ctx.selective   # strided, w.mul_(At) runs 6x slower
         for t in reversed(range(T)):
             lam.addcmul_(g[t], Cs[t])               # λ_t
             _sum_n(Bs[t], lam, g_x[t], sel_B)       # dL/d(Δ_t u_t) = <λ_t, B_t>
