@@ -41,12 +41,14 @@ overflows for any Δ >= 0 and A < 0 (unlike closed forms that divide by cumulati
 products or take a cumsum of exp). Python iterations: about 2T + log2(nc) forward instead of l.
 Backward is a custom autograd function, with the same two levels run backwards in time for the
 adjoint λ_t = C_t g_t + exp(Δ_{t+1} A) λ_{t+1}, and every gradient read off λ_t and h_t.
-exp(Δ A) is computed once for all steps (exp costs ~10 multiplications on CPU) and kept with
-the states h_t for backward: two (b, d, n, l) float32 tensors' worth, against the loop's ~5, so
-memory grows linearly in l and stays below the loop's; without gradients only exp(Δ A) is kept.
-Both are held as one slab per step rather than one big tensor: the allocator then reuses freed
-slabs from call to call instead of mapping and zeroing fresh pages for a full-size tensor, which
-measured 30% of the time of a call (bench/bench_scan.py, 4x768x1024: 372 ms -> 261 ms).
+The states h_t are kept for backward, and so is exp(Δ A) when there are several chunks (it is
+read by two forward passes and backward; exp costs ~10 multiplications on CPU): two (b, d, n, l)
+float32 tensors' worth, one with a single chunk, where exp(Δ A) is recomputed per step instead
+(_decays), against the loop's ~5, so memory grows linearly in l and stays below the loop's. Without
+gradients no states are kept, and exp(Δ A) only with several chunks. Both are held as one slab per
+step rather than one big tensor: the allocator then reuses freed slabs from call to call instead
+of mapping and zeroing fresh pages for a full-size tensor, which measured 30% of the time of a
+call (bench/bench_scan.py, 4x768x1024: 372 ms -> 261 ms).
 """
 import math
 
@@ -230,6 +232,33 @@ def _log2_rate(A):
     return (A.t() * math.log2(math.e)).contiguous()
 
 
+def _decays(step, A2, nc):
+    """exp(Δ_t A) = exp2(step_t A2) for every step t, (b, nc, n, d) each.
+
+    With several chunks, two forward passes and backward read each one: computed once, kept as one
+    slab per step rather than one (T, ...) tensor, so the allocator reuses freed slabs instead of
+    mapping (and zeroing) fresh pages for a full-size tensor at every call. With a single chunk
+    (wide inputs on CPU) each is read once per pass: then recomputing it into one scratch slab,
+    which stays in cache, is faster than writing a full-size copy to memory and reading it back
+    (8x1536x256: 110 -> 99 ms in the loops), and that copy's memory is saved.
+    """
+    if nc > 1:
+        return [torch.mul(step[t], A2).exp2_() for t in range(len(step))]
+    return _RecomputedDecays(step, A2)
+
+
+class _RecomputedDecays:
+    """decays[t] computes exp2(step_t A2) into the same scratch slab at every access: valid until
+    the next access, which is all that the single-chunk passes need."""
+
+    def __init__(self, step, A2):
+        self.step, self.A2 = step, A2
+        self.slab = torch.empty(step.shape[1:-2] + A2.shape, dtype=A2.dtype, device=A2.device)
+
+    def __getitem__(self, t):
+        return torch.mul(self.step[t], self.A2, out=self.slab).exp2_()
+
+
 class _SelectiveScan(torch.autograd.Function):
     """y = <C_t, h_t> with h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, by the two-level chunked scan.
 
@@ -248,11 +277,8 @@ class _SelectiveScan(torch.autograd.Function):
         step = dt if scale is None else dt * scale  # the step in exp(Δ_t A_scale_t A)
         x = dt * u                                  # Euler's Δ_t u_t
         nc = dt.shape[2]
-        # exp(Δ_t A), (b, nc, n, d) for every step, and below the states h_t: kept as one slab per
-        # step rather than one (T, ...) tensor, so the allocator reuses freed slabs instead of
-        # mapping (and zeroing) fresh pages for a full-size tensor at every call.
         A2 = _log2_rate(A)
-        dA = [torch.mul(step[t], A2).exp2_() for t in range(T)]
+        dA = _decays(step, A2, nc)
 
         if nc == 1:
             starts = u.new_zeros(b, 1, n, d)
@@ -263,8 +289,9 @@ class _SelectiveScan(torch.autograd.Function):
             decay = torch.exp2(step.sum(0) * A2)    # exp(A ΣΔ): the product of a chunk's exp(Δ_t A)
             starts = _chain(h, decay, None)                                    # 2. chain them
 
-        # 3. scan every chunk from its true start, emitting y. For backward keep every state:
-        # recomputing them there would cost a pass as long as this one.
+        # 3. scan every chunk from its true start, emitting y. For backward keep every state
+        # (one slab per step, as the decays): recomputing them there would cost a pass as long as
+        # this one.
         H = []
         h = starts if keep else starts.clone()
         y = u.new_empty(T, b, nc, 1, d)
@@ -274,7 +301,7 @@ class _SelectiveScan(torch.autograd.Function):
             _sum_n(Cs[t], h, y[t], C.dim() == 3)
             if keep:
                 H.append(h)
-        ctx.save_for_backward(u, dt, scale, A, Bs, Cs, starts, *dA, *H)
+        ctx.save_for_backward(u, dt, scale, A, Bs, Cs, starts, *H, *(dA if nc > 1 else []))
         ctx.selective = B.dim() == 3, C.dim() == 3
         return _from_chunks(y[..., 0, :], l), h[:, -1].transpose(-1, -2).contiguous()
 
@@ -283,7 +310,7 @@ class _SelectiveScan(torch.autograd.Function):
         u, dt, scale, A, Bs, Cs, starts, *slabs = ctx.saved_tensors
         step = dt if scale is None else dt * scale
         T, b, nc, _, d = u.shape
-        dA, H = slabs[:T], slabs[T:]
+        H, dA = slabs[:T], (slabs[T:] if nc > 1 else _decays(step, _log2_rate(A), nc))
         l = gy.shape[-1]
         x = dt * u
         g = _to_chunks(gy, T)[..., None, :]         # (T, b, nc, 1, d)
