@@ -1,9 +1,9 @@
 """Tests of selective_scan.py against an independent float64 recurrence written out below.
 
 Covers: forward agreement of selective_scan_ref and selective_scan_fn over many lengths, B/C layouts
-and options; extreme Δ and A; gradients of the fast path against the reference's (and gradcheck);
-the one-step update; dtypes and autocast; and cases by hand. Memory: test_selective_scan_memory.py;
-the optional A_scale (selective A): test_selective_scan_A_scale.py.
+and options; extreme Δ and A; the one-step update; dtypes and autocast; and cases by hand. Gradients:
+test_selective_scan_grad.py; memory: test_selective_scan_memory.py; the optional A_scale (selective
+A): test_selective_scan_A_scale.py.
 CPU, one thread, well under a minute.
 """
 import itertools
@@ -199,113 +199,7 @@ def test_extreme_softplus_large_delta():
     check_against_truth(kw, 1e-5)
 
 
-# ---- 3. gradients -----------------------------------------------------------------------------------------
-
-def grads_of(scan, kw, gy, gh):
-    """Gradients w.r.t. every tensor input, for upstream gradients gy on y and gh on the last state."""
-    leaves = {k: v.clone().requires_grad_() for k, v in tensors(kw).items()}
-    y, h = scan(**(kw | leaves), return_last_state=True)
-    loss = 0
-    if gy is not None:
-        loss = loss + (y * gy).sum()
-    if gh is not None:
-        loss = loss + (h * gh).sum()
-    # C (and D, z) do not reach the last state: a None gradient becomes zeros
-    return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True,
-                                                materialize_grads=True)))
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-@pytest.mark.parametrize("l", [1, 5, 64, 300, 1000])
-def test_gradients_match_reference(l, layout, dtype, tol):
-    kw = make_inputs(2, 3, 4, l, *layout, dtype=dtype, seed=100 + l)
-    g = torch.Generator().manual_seed(l)
-    # torch.randn(shape), never randn_like: y may be a transposed view and randn_like follows strides
-    gy = torch.randn((2, 3, l), generator=g, dtype=dtype)
-    gh = torch.randn((2, 3, 4), generator=g, dtype=dtype)
-    g_fn, g_ref = grads_of(selective_scan_fn, kw, gy, gh), grads_of(selective_scan_ref, kw, gy, gh)
-    assert set(g_fn) == {"u", "delta", "A", "B", "C", "D", "z", "delta_bias"}
-    for k in g_ref:
-        assert g_fn[k].shape == kw[k].shape and g_fn[k].dtype == dtype
-        assert rel_err(g_fn[k], g_ref[k]) < tol, (k, rel_err(g_fn[k], g_ref[k]))
-
-
-@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1]], ids=LAYOUT_IDS[:2])
-@pytest.mark.parametrize("l", [1, 2, 100, 1000])
-def test_gpu_chunk_rule_on_cpu(l, layout, monkeypatch):
-    """On CUDA the chunks are short and many (here T = 4: 250 chunks at l = 1000, whose chain takes 8
-    rounds of the log-depth scan); CI has no GPU, so the CPU runs that chunking here: forward
-    against the truth, gradients against the reference."""
-    import selective_scan
-    gpu_rule = selective_scan._chunk_len
-    assert [gpu_rule(l_, 2 * 3 * 4, True) for l_ in (1, 2, 100, 1000)] == [1, 2, 4, 4]
-    assert [gpu_rule(l_, 8 * 16 * 1536, True) for l_ in (256, 1024, 4096)] == [7, 14, 16]
-    monkeypatch.setattr(selective_scan, "_chunk_len", lambda l_, slab, on_gpu: gpu_rule(l_, slab, True))
-    kw = make_inputs(2, 3, 4, l, *layout, dtype=torch.float64, seed=200 + l)
-    check_against_truth(kw, 1e-10, scans=("fn",))
-    gy = torch.randn((2, 3, l), generator=torch.Generator().manual_seed(l), dtype=torch.float64)
-    gh = torch.randn((2, 3, 4), generator=torch.Generator().manual_seed(l + 1), dtype=torch.float64)
-    g_fn, g_ref = grads_of(selective_scan_fn, kw, gy, gh), grads_of(selective_scan_ref, kw, gy, gh)
-    for k in g_ref:
-        assert rel_err(g_fn[k], g_ref[k]) < 1e-10, (k, rel_err(g_fn[k], g_ref[k]))
-
-
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-@pytest.mark.parametrize("b,d,n", [(2, 1, 4), (1, 1, 1), (1, 3, 1)])
-def test_gradients_degenerate_sizes(b, d, n, layout):
-    """One channel or one state entry: shapes where a fixed (d, n) slab and a selective one coincide."""
-    kw = make_inputs(b, d, n, 37, *layout, dtype=torch.float64, seed=7)
-    g = torch.Generator().manual_seed(7)
-    gy = torch.randn((b, d, 37), generator=g, dtype=torch.float64)
-    gh = torch.randn((b, d, n), generator=g, dtype=torch.float64)
-    g_fn, g_ref = grads_of(selective_scan_fn, kw, gy, gh), grads_of(selective_scan_ref, kw, gy, gh)
-    for k in g_ref:
-        assert rel_err(g_fn[k], g_ref[k]) < 1e-10, (k, rel_err(g_fn[k], g_ref[k]))
-
-
-@pytest.mark.parametrize("upstream", ["y-only", "state-only"])
-@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1]], ids=LAYOUT_IDS[:2])
-def test_gradients_one_upstream(upstream, layout):
-    """Only y, or only the last state, reaches the loss (the other gradient arrives as None / zeros)."""
-    kw = make_inputs(2, 3, 4, 77, *layout, dtype=torch.float64, seed=9)
-    g = torch.Generator().manual_seed(0)
-    gy = torch.randn((2, 3, 77), generator=g, dtype=torch.float64) if upstream == "y-only" else None
-    gh = torch.randn((2, 3, 4), generator=g, dtype=torch.float64) if upstream == "state-only" else None
-    if upstream == "state-only":    # D and z do not reach the state: leave them out
-        kw["D"] = kw["z"] = None
-    g_fn, g_ref = grads_of(selective_scan_fn, kw, gy, gh), grads_of(selective_scan_ref, kw, gy, gh)
-    for k in g_ref:
-        assert rel_err(g_fn[k], g_ref[k]) < 1e-10, k
-
-
-def test_gradients_without_last_state():
-    """The usual training call: return_last_state=False, loss on y only."""
-    kw = make_inputs(2, 3, 4, 200, True, True, dtype=torch.float64, seed=4)
-    results = []
-    for scan in (selective_scan_fn, selective_scan_ref):
-        leaves = {k: v.clone().requires_grad_() for k, v in tensors(kw).items()}
-        y = scan(**(kw | leaves))
-        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        results.append(torch.autograd.grad((y * gy).sum(), list(leaves.values())))
-    for a, b in zip(*results):
-        assert rel_err(a, b) < 1e-10
-
-
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-@pytest.mark.parametrize("l", [1, 7])   # l = 7: two chunks of four steps, one of them padding
-def test_gradcheck(l, layout):
-    kw = make_inputs(2, 3, 2, l, *layout, dtype=torch.float64, seed=l)
-    names = list(tensors(kw))
-
-    def f(*xs):
-        return selective_scan_fn(**dict(zip(names, xs)), delta_softplus=True, return_last_state=True)
-
-    inputs = tuple(kw[k].clone().requires_grad_() for k in names)
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
-
-
-# ---- 4. the one-step update -------------------------------------------------------------------------------
+# ---- 3. the one-step update -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -346,7 +240,7 @@ def test_state_update_after_prefill():
     assert rel_err(torch.cat(ys, -1), y_all) < 1e-6 and rel_err(state, h_all) < 1e-6
 
 
-# ---- 5. dtypes and autocast -------------------------------------------------------------------------------
+# ---- 4. dtypes and autocast -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", SCANS)
 def test_float64_stays_float64(name):
@@ -405,7 +299,7 @@ def test_autocast_bfloat16(backward_inside):
         assert a.dtype == torch.float32 and rel_err(a, b) < 1e-6, k
 
 
-# ---- 6. the reference by hand -----------------------------------------------------------------------------
+# ---- 5. the reference by hand -----------------------------------------------------------------------------
 
 def test_reference_by_hand():
     """d = n = 1, l = 2, selective B, C. Step by step:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update
-from test_selective_scan import LAYOUT_IDS, LAYOUTS, SCANS, check_against_truth, grads_of, make_inputs, rel_err, tensors
+from test_selective_scan import LAYOUT_IDS, LAYOUTS, SCANS, check_against_truth, make_inputs, rel_err, tensors
+from test_selective_scan_grad import grads_of
 
 
 def with_A_scale(kw, seed, low=0.0, high=3.0):
