@@ -310,7 +310,8 @@ class _SelectiveScan(torch.autograd.Function):
         u, dt, scale, A, Bs, Cs, starts, *slabs = ctx.saved_tensors
         step = dt if scale is None else dt * scale
         T, b, nc, _, d = u.shape
-        H, dA = slabs[:T], (slabs[T:] if nc > 1 else _decays(step, _log2_rate(A), nc))
+        A2 = _log2_rate(A)
+        H, dA = slabs[:T], (slabs[T:] if nc > 1 else _decays(step, A2, nc))
         l = gy.shape[-1]
         x = dt * u
         g = _to_chunks(gy, T)[..., None, :]         # (T, b, nc, 1, d)
@@ -326,7 +327,7 @@ class _SelectiveScan(torch.autograd.Function):
             lam = torch.zeros_like(starts)          # 1. each chunk from a zero adjoint
             for t in reversed(range(T)):
                 lam.addcmul_(g[t], Cs[t]).mul_(dA[t])
-            decay = torch.exp2(step.sum(0) * _log2_rate(A))    # 2. chain the chunks, right to left
+            decay = torch.exp2(step.sum(0) * A2)    # 2. chain the chunks, right to left
             ends = _chain(lam, decay, last, reverse=True)
         lam, w = ends, torch.empty_like(starts)    # 3. scan each chunk back from its true end
         g_step, g_x = torch.empty_like(u), torch.empty_like(u)   # dL/d(decay step), dL/d(Δ_t u_t)
