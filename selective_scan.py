@@ -19,14 +19,15 @@ Three entry points, all with the official `mamba_ssm` signatures:
     selective_scan_fn       the fast path used for training and prompts (same results).
     selective_state_update  one timestep, for constant-time-per-token generation.
 
-How the fast path works, and why this algorithm (figures: bench/bench_scan.py and the README).
+How the fast path works, and why this algorithm (measured by `python bench/bench_scan.py`, which
+compares it with the loop and with a parallel scan; the figures are in docs/performance.md).
 The recurrence is cheap per element but has l sequential steps, and eager PyTorch pays a fixed
 cost of microseconds per operation. A loop over l (the reference) is therefore slow when b*d is
 small, and autograd through it stores several (b, d, n) tensors per step. A log-depth parallel
 scan (Blelloch as in mambapy's pscan, Hillis-Steele) does log2(l) strided passes each way over
-(b, d, n, l) tensors, pads l to a power of two and keeps ~8 full-size copies for backward;
-measured here it is 2-6x slower than the loop on CPU. We use a two-level chunked scan instead. The
-sequence is cut into nc chunks of T steps, and:
+(b, d, n, l) tensors, pads l to a power of two and keeps many full-size copies for backward;
+on CPU it is slower than the loop. We use a two-level chunked scan instead. The sequence is
+cut into nc chunks of T steps, and:
   1. every chunk is scanned from a zero state, all chunks at once (a loop of T steps over
      (b, nc, n, d) slabs), to find where each chunk's state would end;
   2. the chunks' ends are chained, start_{c+1} = exp(A ΣΔ_c) start_c + end_c, by a log-depth
@@ -42,18 +43,20 @@ products or take a cumsum of exp). Python iterations: about 2T + log2(nc) forwar
 Backward is a custom autograd function, with the same two levels run backwards in time for the
 adjoint λ_t = C_t g_t + exp(Δ_{t+1} A) λ_{t+1}, and every gradient read off λ_t and h_t.
 The states h_t are kept for backward, and so is exp(Δ A) when there are several chunks (it is
-read by two forward passes and backward; exp costs ~10 multiplications on CPU): two (b, d, n, l)
+read by two forward passes and backward; exp costs far more than a multiplication): two (b, d, n, l)
 float32 tensors' worth, one with a single chunk, where exp(Δ A) is recomputed per step instead
-(_decays), against the loop's ~5, so memory grows linearly in l and stays below the loop's. Without
+(_decays), fewer than the loop's autograd keeps, so memory grows linearly in l and stays below the
+loop's (tests/test_selective_scan_memory.py checks both; bench/bench_scan.py reports peaks). Without
 gradients no states are kept, and exp(Δ A) only with several chunks. Both are held as one slab per
 step rather than one big tensor: the allocator then reuses freed slabs from call to call instead
-of mapping and zeroing fresh pages for a full-size tensor, which measured 30% of the time of a
-call (bench/bench_scan.py, 4x768x1024: 372 ms -> 261 ms).
+of mapping and zeroing fresh pages for a full-size tensor, a large share of a call's time otherwise
+(`python bench/bench_scan.py` measures it; figures in docs/performance.md).
 """
 import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 
 
 def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, A_scale=None):
@@ -136,13 +139,12 @@ def _chunk_len(l, slab, on_gpu):
     On CPU: enough chunks in parallel that one step works on ~2^18 elements (1 MiB: the slab stays
     in a core's L2 cache through the step's few operations), but no more than sqrt(l) of them,
     which keeps the chain (level two) small. Large b*d gets a single chunk: a plain sequential scan.
-    On a GPU, kernel launches (13-18 us each on an H200) and memory passes share the cost: a step
-    of a chunk launches about 16 kernels forward plus backward, whatever its size, while the
-    log-depth chain passes over memory about 11 log2(nc) / T times the full (b, d, n, l) size. So
-    short chunks win on small problems and long ones on large: measured on an H200 over T = 4, 8,
-    16 (fwd+bwd, median of 5), T = 4 was fastest at 1x1536x1024 and 8x512x256, T = 16 at
-    8x1536x1024 and 8x1536x4096 (b x d x l, n = 16), and a fit of those times puts the best T near
-    sqrt(b d n l) / 1024, used here within the measured 4..16.
+    On a GPU, kernel launches and memory passes share the cost: a step of a chunk launches about
+    16 kernels forward plus backward, whatever its size, while the log-depth chain passes over
+    memory about 11 log2(nc) / T times the full (b, d, n, l) size. So short chunks win on small
+    problems and long ones on large: timed over T = 4, 8, 16 (fwd+bwd), the best T follows
+    sqrt(b d n l) / 1024, used here within those 4..16 (the GPU scan's times:
+    `python bench/bench_scan.py --device cuda`; the figures are in docs/performance.md).
     """
     if on_gpu:
         return min(l, max(4, min(16, round(math.sqrt(slab * l) / 1024))))
@@ -158,22 +160,22 @@ def _to_chunks(x, T):
     (b, k, l) tensor which is a transposed view of a contiguous (b, l, k) one (as the model
     passes Δ, B and C) is copied by whole rows rather than element by element.
     """
-    b, k, l = x.shape
+    l = x.shape[-1]
     nc = -(-l // T)
-    x = F.pad(x.transpose(1, 2), (0, 0, 0, nc * T - l))
-    return x.reshape(b, nc, T, k).permute(2, 0, 1, 3).contiguous()
+    x = F.pad(rearrange(x, "b k l -> b l k"), (0, 0, 0, nc * T - l))    # the copy by rows: (b, nc T, k)
+    return rearrange(x, "b (nc T) k -> T b nc k", T=T).contiguous()
 
 
 def _from_chunks(x, l):
     """(T, b, nc, k) -> (b, k, l), the inverse of _to_chunks: a transposed view of a (b, l, k) tensor."""
-    T, b, nc, k = x.shape
-    return x.permute(1, 2, 0, 3).reshape(b, nc * T, k)[:, :l].transpose(1, 2)
+    x = rearrange(x, "T b nc k -> b (nc T) k")     # a copy unless nc or T is 1
+    return rearrange(x[:, :l], "b l k -> b k l")
 
 
 def _chunk_inputs(u, delta, B, C, T):
     """Per-step slabs that broadcast against the state (b, nc, n, d)."""
     def per_step(M):                               # -> (T, b, nc, n, 1) or (T, 1, 1, n, d)
-        return _to_chunks(M, T)[..., None] if M.dim() == 3 else M.t().expand(T, 1, 1, *M.t().shape)
+        return _to_chunks(M, T)[..., None] if M.dim() == 3 else repeat(M, "d n -> T 1 1 n d", T=T)
     return _to_chunks(u, T)[..., None, :], _to_chunks(delta, T)[..., None, :], per_step(B), per_step(C)
 
 
@@ -227,9 +229,10 @@ def _chain(local, decay, carry, reverse=False):
 
 def _log2_rate(A):
     """A (d, n) -> (n, d) times log2(e), so that exp(Δ A) = exp2(Δ A log2(e)). PyTorch's exp2 runs
-    2.6x faster than its exp on this CPU (AVX-512, one (4, 1, 16, 768) slab: 16 vs 44 us), and
-    the rescaled exponent costs one more rounding, of the size the product Δ A already has."""
-    return (A.t() * math.log2(math.e)).contiguous()
+    faster than its exp on CPU (the scan's time: `python bench/bench_scan.py`; figures in
+    docs/performance.md), and the rescaled exponent costs one more rounding, of the size the
+    product Δ A already has."""
+    return (rearrange(A, "d n -> n d") * math.log2(math.e)).contiguous()
 
 
 def _decays(step, A2, nc):
@@ -240,7 +243,8 @@ def _decays(step, A2, nc):
     mapping (and zeroing) fresh pages for a full-size tensor at every call. With a single chunk
     (wide inputs on CPU) each is read once per pass: then recomputing it into one scratch slab,
     which stays in cache, is faster than writing a full-size copy to memory and reading it back
-    (8x1536x256: 110 -> 99 ms in the loops), and that copy's memory is saved.
+    (`python bench/bench_scan.py`, the wide sizes; figures in docs/performance.md), and that copy's
+    memory is saved.
     """
     if nc > 1:
         return [torch.mul(step[t], A2).exp2_() for t in range(len(step))]
@@ -303,7 +307,7 @@ class _SelectiveScan(torch.autograd.Function):
                 H.append(h)
         ctx.save_for_backward(u, dt, scale, A, Bs, Cs, starts, *H, *(dA if nc > 1 else []))
         ctx.selective = B.dim() == 3, C.dim() == 3
-        return _from_chunks(y[..., 0, :], l), h[:, -1].transpose(-1, -2).contiguous()
+        return _from_chunks(y[..., 0, :], l), rearrange(h[:, -1], "b n d -> b d n").contiguous()
 
     @staticmethod
     def backward(ctx, gy, glast):
@@ -318,7 +322,7 @@ class _SelectiveScan(torch.autograd.Function):
 
         # The adjoint λ_t = dL/dh_t obeys the same recurrence backwards in time,
         # λ_t = C_t g_t + exp(Δ_{t+1} A) λ_{t+1}, so the same two levels compute it.
-        last = None if glast is None else glast.transpose(-1, -2)        # (b, n, d)
+        last = None if glast is None else rearrange(glast, "b d n -> b n d")
         if nc == 1:
             ends = torch.zeros_like(starts)
             if last is not None:
@@ -334,7 +338,8 @@ class _SelectiveScan(torch.autograd.Function):
         g_B = u.new_empty((T,) + Bs.shape[1:])
         g_C = u.new_empty((T,) + Cs.shape[1:])
         g_A = torch.zeros_like(starts)
-        At, (sel_B, sel_C) = A.t().contiguous(), ctx.selective   # strided, w.mul_(At) runs 6x slower
+        # (n, d) made contiguous: w.mul_ by a strided view of A runs much slower (bench/bench_scan.py)
+        At, (sel_B, sel_C) = rearrange(A, "d n -> n d").contiguous(), ctx.selective
         for t in reversed(range(T)):
             lam.addcmul_(g[t], Cs[t])               # λ_t
             _sum_n(Bs[t], lam, g_x[t], sel_B)       # dL/d(Δ_t u_t) = <λ_t, B_t>

@@ -1,12 +1,11 @@
 """selective_scan.py's optional A_scale: A made input-dependent, A_t = A_scale_t A in the decay only (the selective
 A of the paper's section 3.5.2, model.py's selective_A). Checked like the rest of the scan, against the float64
-recurrence of test_selective_scan.py (which takes A_scale), the reference's gradients and gradcheck."""
+recurrence of scan_truth.py (which takes A_scale), the reference's gradients and gradcheck."""
 import pytest
 import torch
 
+from scan_truth import LAYOUT_IDS, LAYOUTS, SCANS, check_against_truth, grads_of, make_inputs, rel_err, tensors
 from selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update
-from test_selective_scan import LAYOUT_IDS, LAYOUTS, SCANS, check_against_truth, make_inputs, rel_err, tensors
-from test_selective_scan_grad import grads_of
 
 
 def with_A_scale(kw, seed, low=0.0, high=3.0):

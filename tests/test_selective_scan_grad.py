@@ -1,27 +1,13 @@
 """Gradients of selective_scan.py's fast path: against the reference's (autograd through the sequential loop)
 for every input, layout and option, at degenerate sizes, with one upstream gradient or the other, with the GPU's
-chunking run on the CPU, and against finite differences (gradcheck). Inputs and helpers: test_selective_scan.py.
+chunking run on the CPU, and against finite differences (gradcheck). Inputs and helpers: scan_truth.py.
 CPU, one thread, well under a minute.
 """
 import pytest
 import torch
 
+from scan_truth import LAYOUT_IDS, LAYOUTS, check_against_truth, grads_of, make_inputs, rel_err, tensors
 from selective_scan import selective_scan_fn, selective_scan_ref
-from test_selective_scan import LAYOUT_IDS, LAYOUTS, check_against_truth, make_inputs, rel_err, tensors
-
-
-def grads_of(scan, kw, gy, gh):
-    """Gradients w.r.t. every tensor input, for upstream gradients gy on y and gh on the last state."""
-    leaves = {k: v.clone().requires_grad_() for k, v in tensors(kw).items()}
-    y, h = scan(**(kw | leaves), return_last_state=True)
-    loss = 0
-    if gy is not None:
-        loss = loss + (y * gy).sum()
-    if gh is not None:
-        loss = loss + (h * gh).sum()
-    # C (and D, z) do not reach the last state: a None gradient becomes zeros
-    return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True,
-                                                materialize_grads=True)))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)], ids=["f64", "f32"])
