@@ -2,7 +2,7 @@
 
 One thread because CI and laptops share their few cores with other work: with torch's default of
 one OpenMP thread per core, a busy neighbour makes every small op wait for the slowest thread,
-and the tiny models in tests run 10-100x slower. Subprocesses inherit OMP_NUM_THREADS.
+and the tiny models in tests run many times slower. Subprocesses inherit OMP_NUM_THREADS.
 """
 import os
 

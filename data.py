@@ -21,6 +21,7 @@ sample, so no training window overlaps validation text).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -31,12 +32,16 @@ import sysconfig
 import tempfile
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import torch
+
+import tasks
+from config import FRACTION, NOT_BLANK, POSITIVE, check_fields, option
 
 CACHE_FORMAT = 1  # bump when the cache layout changes, so old caches are rebuilt
 STDLIB_MAX_BYTES = 8 * 2**20  # cap on the built-in corpus; ~5.2 MB on CPython 3.11, under the cap
@@ -51,34 +56,24 @@ class DataError(ValueError):
 class DataConfig:
     """Where the text comes from and how it becomes tokens (the ``[data]`` section of config.ini)."""
 
-    source: str = field(default="stdlib", metadata={"doc": (
+    source: str = option("stdlib", (
         "stdlib (offline corpus: pydoc topics + the standard library's top-level .py files), "
         "a .txt file, a folder of .txt files (recursive, sorted by path), or an http(s)/file URL "
-        "downloaded once")})
-    tokenizer: Literal["byte", "char"] = field(default="byte", metadata={"doc": (
-        "byte: UTF-8 bytes, vocabulary 256; char: the corpus's distinct characters")})
-    cache_dir: str = field(default="data_cache", metadata={"doc": (
-        "folder for downloads and the encoded token cache (train.bin, val.bin, meta.json)")})
-    val_fraction: float = field(default=0.05, metadata={"doc": (
-        "fraction of the token stream, taken from its end, held out for validation")})
-    task: Literal["none", "selective_copying", "induction_heads"] = field(default="none", metadata={"doc": (
+        "downloaded once"), NOT_BLANK)
+    tokenizer: Literal["byte", "char"] = option("byte", (
+        "byte: UTF-8 bytes, vocabulary 256; char: the corpus's distinct characters"))
+    cache_dir: str = option("data_cache", (
+        "folder for downloads and the encoded token cache (train.bin, val.bin, meta.json)"))
+    val_fraction: float = option(0.05, "fraction of the token stream, taken from its end, held out for validation",
+                                 FRACTION)
+    task: Literal["none", "selective_copying", "induction_heads"] = option("none", (
         "none: train on the text above; else a synthetic task of the paper's section 4.1, generated on the fly "
-        "(tasks.py; source, tokenizer and val_fraction are then unused)")})
-    task_vocab: int = field(default=16, metadata={"doc": "a task's vocabulary size, special tokens included"})
-    task_tokens: int = field(default=16, metadata={"doc": "selective_copying: data tokens to copy (K)"})
+        "(tasks.py; source, tokenizer and val_fraction are then unused)"))
+    task_vocab: int = option(16, "a task's vocabulary size, special tokens included", POSITIVE)
+    task_tokens: int = option(16, "selective_copying: data tokens to copy (K)", POSITIVE)
 
     def __post_init__(self):
-        if not self.source.strip():
-            raise ValueError("source must not be empty")
-        if self.tokenizer not in ("byte", "char"):
-            raise ValueError(f"tokenizer must be byte or char, got {self.tokenizer!r}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be strictly between 0 and 1, got {self.val_fraction}")
-        if self.task not in ("none", "selective_copying", "induction_heads"):
-            raise ValueError(f"task must be none, selective_copying or induction_heads, got {self.task!r}")
-        for name in ("task_vocab", "task_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -101,11 +96,19 @@ class Tokenizer:
     def decode(self, ids) -> str:
         raise NotImplementedError
 
+    def decode_pieces(self, ids) -> Iterator[str]:
+        """The text of each token as soon as it can be printed (for streaming, and for labelling tokens),
+        then what the end still holds: len(ids) + 1 pieces that join to decode(ids). Tokenizers whose
+        tokens can split a character (bytes, byte-level BPE) hold its first parts back until it is whole."""
+        for token in ids:
+            yield self.decode([token])
+        yield ""
+
     def state_dict(self) -> dict:
         raise NotImplementedError
 
     @staticmethod
-    def from_state_dict(state: dict) -> "Tokenizer":
+    def from_state_dict(state: dict) -> Tokenizer:
         if state.get("kind") == "byte":
             return ByteTokenizer()
         if state.get("kind") == "char":
@@ -113,7 +116,6 @@ class Tokenizer:
         if state.get("kind") == "hf":
             return HFTokenizer(state["json"])
         if state.get("kind") == "task":
-            from tasks import TaskTokenizer  # tasks.py builds on this module, hence imported here
             return TaskTokenizer(state["task"], state["vocab_size"])
         raise ValueError(f"unknown tokenizer state {state!r}")
 
@@ -131,6 +133,13 @@ class ByteTokenizer(Tokenizer):
         # A sampled sequence may stop in the middle of a multi-byte character, or the model may
         # emit an invalid byte sequence: show U+FFFD rather than crash.
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def decode_pieces(self, ids) -> Iterator[str]:
+        # An incremental decoder prints U+FFFD for a sequence that can never be valid, as decode does.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for token in ids:
+            yield decoder.decode(bytes([int(token)]))
+        yield decoder.decode(b"", final=True)
 
     def state_dict(self) -> dict:
         return {"kind": "byte"}
@@ -189,10 +198,8 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def decode_stream(self, ids) -> Iterator[str]:
-        """The text of each token as soon as it can be printed: a byte-level token may end in the
-        middle of a character, which DecodeStream holds back until the character is whole."""
-        from tokenizers.decoders import DecodeStream
+    def decode_pieces(self, ids) -> Iterator[str]:
+        from tokenizers.decoders import DecodeStream  # holds back a byte-level token's partial character
 
         stream, seen, shown = DecodeStream(skip_special_tokens=False), [], ""
         for token in ids:
@@ -205,6 +212,39 @@ class HFTokenizer(Tokenizer):
 
     def state_dict(self) -> dict:
         return {"kind": "hf", "json": self.json_text}
+
+
+class TaskTokenizer(Tokenizer):
+    """A synthetic task's ids <-> the symbols tasks.py draws them with ("." noise, "|" marker, "*" trigger,
+    letters for the rest), so that a task example prints and reads as a string."""
+
+    unit = "token"
+
+    def __init__(self, task, vocab_size):
+        self.task, self.vocab_size = task, vocab_size
+        letters = [chr(ord("a") + i) if i < 26 else chr(0x3B1 + i - 26) for i in range(vocab_size)]  # then α, β, ...
+        if task == "selective_copying":  # ids NOISE, MARKER, then data
+            self.symbols = ".|" + "".join(letters[:vocab_size - 2])
+        else:  # ordinary ids, then the trigger
+            self.symbols = "".join(letters[:tasks.trigger(vocab_size)]) + "*"
+
+    def encode_array(self, text):
+        unknown = set(text) - set(self.symbols)
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]!r} is not a symbol of {self.task} (symbols: {self.symbols})")
+        return np.array([self.symbols.index(c) for c in text], dtype=np.int64)
+
+    def decode(self, ids):
+        return "".join(self.symbols[int(i)] for i in ids)
+
+    def state_dict(self):
+        return {"kind": "task", "task": self.task, "vocab_size": self.vocab_size}
+
+    def token_class(self, token_id):
+        """What a token is for the task: noise, marker or data (Selective Copying); trigger or ordinary."""
+        if self.task == "selective_copying":
+            return {tasks.NOISE: "noise", tasks.MARKER: "marker"}.get(int(token_id), "data")
+        return "trigger" if int(token_id) == tasks.trigger(self.vocab_size) else "ordinary"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -306,7 +346,6 @@ class Dataset:
     train: np.ndarray
     val: np.ndarray
     tokenizer: Tokenizer
-    path: Path  # the cache folder holding train.bin, val.bin and meta.json
 
 
 def _dtype_for(vocab_size: int) -> str:
@@ -383,7 +422,7 @@ def load_dataset(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> Dataset
     meta = json.loads((folder / "meta.json").read_text())
     train = np.memmap(folder / "train.bin", dtype=meta["dtype"], mode="r", shape=(meta["n_train"],))
     val = np.memmap(folder / "val.bin", dtype=meta["dtype"], mode="r", shape=(meta["n_val"],))
-    return Dataset(train, val, Tokenizer.from_state_dict(meta["tokenizer"]), folder)
+    return Dataset(train, val, Tokenizer.from_state_dict(meta["tokenizer"]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -406,3 +445,36 @@ def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int,
     windows = np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int64)  # (b, l+1)
     windows = torch.from_numpy(windows)
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+class Batches:
+    """Where the trainer's batches come from: random windows of the text's two splits (``dataset``), or,
+    for a synthetic task (``dataset`` None), fresh examples of [data] task. Both give (x, y) int64 (b, l):
+    y is the next token at every position, or a task's answers with IGNORE elsewhere."""
+
+    def __init__(self, cfg: DataConfig, dataset: Dataset | None, batch_size: int, seq_len: int):
+        self.cfg, self.dataset, self.batch_size, self.seq_len = cfg, dataset, batch_size, seq_len
+
+    def _draw(self, split: str, generator: torch.Generator):
+        if self.dataset is None:
+            return tasks.make_batch(self.cfg.task, self.cfg.task_vocab, self.cfg.task_tokens, self.batch_size,
+                                    self.seq_len, generator)
+        return get_batch(getattr(self.dataset, split), self.batch_size, self.seq_len, generator)
+
+    def train(self, generator: torch.Generator):
+        """One training micro-batch; a function of the generator's state alone (exact resume)."""
+        return self._draw("train", generator)
+
+    def validation(self, n: int, seed: int) -> list:
+        """The fixed validation set every evaluation uses: ``n`` batches drawn once from a generator seeded
+        with ``seed``, so successive evaluations (and resumed runs) measure the same examples. Text windows
+        come from the validation split; task examples from a stream apart from the training ones, which are
+        seeded seed + rank (CPU generators keep 32 bits of a seed: the offset must be smaller than that)."""
+        generator = torch.Generator().manual_seed(seed + 999_983 * (self.dataset is None))
+        return [self._draw("val", generator) for _ in range(n)]
+
+    def __str__(self):
+        if self.dataset is None:
+            return f"task {self.cfg.task}, fresh examples every step"
+        unit = self.dataset.tokenizer.unit
+        return f"{len(self.dataset.train):,} train and {len(self.dataset.val):,} val {unit}s"

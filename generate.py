@@ -17,14 +17,14 @@ prompt, a character the char tokenizer does not know, an impossible sampling set
 one line on stderr.
 """
 import argparse
-import codecs
 import sys
 import time
 
 import torch
 
-from pretrained import PretrainedError, load_pretrained, read_tokenizer, resolve
-from checkpoint import die, load_checkpoint
+from cli import die, pick_device, read_text
+from model import check_sampling
+from pretrained import load_model
 
 SEPARATOR = "\n" + "-" * 40 + "\n"  # printed between samples
 
@@ -52,68 +52,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(args) -> None:
-    """One-line errors for settings argparse cannot judge alone."""
-    checks = [(args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
-              (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
-              (args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}"),
-              (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-              (args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}"),
-              (args.device != "cuda" or torch.cuda.is_available(), "--device cuda, but torch sees no CUDA device")]
-    for ok, message in checks:
-        if not ok:
-            die(message)
-
-
-def read_prompt(args) -> str:
-    if args.prompt_file is None:
-        return args.prompt
+    """One-line errors for settings argparse cannot judge alone (the sampling ones as model.py judges them)."""
     try:
-        with open(args.prompt_file, encoding="utf-8", newline="") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        die(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})")
-
-
-def text_pieces(tokenizer, token_ids):
-    """The text of each token as soon as it can be printed. Byte tokens are fed to an incremental
-    UTF-8 decoder, which holds back the first bytes of a multi-byte character until it is whole
-    (and prints U+FFFD for a sequence that can never be valid, as decoding all at once would).
-    A tokenizer.json's byte-level BPE tokens can split a character too: tokenizers' DecodeStream
-    holds them back the same way."""
-    if hasattr(tokenizer, "decode_stream"):  # a tokenizer.json's
-        yield from tokenizer.decode_stream(token_ids)
-    elif tokenizer.unit == "byte":  # the byte tokenizer's ids are the byte values
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for token in token_ids:
-            yield decoder.decode(bytes([token]))
-        yield decoder.decode(b"", final=True)
-    else:
-        for token in token_ids:
-            yield tokenizer.decode([token])
-
-
-def load_model(args, device):
-    """(model in eval mode on device, tokenizer) of --pretrained, else of --ckpt."""
-    if args.pretrained is None:
-        model, tokenizer, _ = load_checkpoint(args.ckpt, map_location=device)
-        return model, tokenizer
-    try:
-        folder = resolve(args.pretrained)
-        tokenizer = read_tokenizer(folder)  # first: a missing tokenizer fails before the weights load
-        return load_pretrained(folder).to(device), tokenizer
-    except PretrainedError as e:
-        die(f"--pretrained {e}")
+        check_sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:  # "top_k must be >= 1, got 0" -> "--top-k must be ..."
+        name, rest = str(e).split(" ", 1)
+        die(f"--{name.replace('_', '-')} {rest}")
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--num-samples", args.num_samples)):
+        if value < 1:
+            die(f"{flag} must be >= 1, got {value}")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
-    prompt = read_prompt(args)
+    prompt = args.prompt if args.prompt_file is None else read_text(args.prompt_file, "--prompt-file")
     if not prompt:
         die("the prompt is empty; the model needs at least one token to continue (the default is a newline)")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    model, tokenizer = load_model(args, device)
+    device = pick_device(args.device, "--device")
+    model, tokenizer = load_model(args.ckpt, args.pretrained, device)
     try:
         prompt_ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)  # (1, l)
     except ValueError as e:  # a character the char tokenizer never saw
@@ -129,7 +86,7 @@ def main(argv=None) -> None:
         sys.stdout.write(prompt)
         new_ids = (int(t[0]) for t in model.stream(prompt_ids, args.max_new_tokens, args.temperature,
                                                     args.top_k, args.top_p, generator))
-        for piece in text_pieces(tokenizer, new_ids):
+        for piece in tokenizer.decode_pieces(new_ids):
             sys.stdout.write(piece)
             sys.stdout.flush()
         n_tokens += args.max_new_tokens

@@ -20,7 +20,6 @@ The numbers are captured with a forward hook on each mixer's activation (its out
 passed through the mixer's own MambaMixer.ssm_params, so they are the model's, not a re-implementation.
 """
 import argparse
-import codecs
 import json
 import sys
 import unicodedata
@@ -31,8 +30,10 @@ matplotlib.use("Agg")  # draw into a file, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from einops import rearrange  # noqa: E402
 
-from checkpoint import die, load_checkpoint  # noqa: E402
+from cli import die, int_list, read_text  # noqa: E402
+from pretrained import load_checkpoint  # noqa: E402
 from tasks import make_batch  # noqa: E402
 
 DEFAULT_TEXT = ('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n'
@@ -63,10 +64,11 @@ def capture(model, ids):
             hook.remove()
     layers = []
     for i, mixer in enumerate(mixers):
-        p = mixer.ssm_params(seen[i].transpose(1, 2))
-        delta = F.softplus(p["dt"].float() + p["dt_bias"])[0]  # the bias and softplus the scan applies
-        B, C = (p[k][0].float() if mixer.selective[k] else p[k].detach().float() for k in ("B", "C"))
-        step = delta if p["A_scale"] is None else delta * p["A_scale"][0]
+        p = mixer.ssm_params(seen[i])  # the scan's layout: dt (1, d_inner, l), B and C (1, n, l)
+        delta = rearrange(F.softplus(p["dt"].float() + p["dt_bias"][:, None])[0], "d l -> l d")  # as the scan does
+        B, C = (rearrange(p[k][0].float(), "n l -> l n") if mixer.selective[k] else p[k].detach().float()
+                for k in ("B", "C"))
+        step = delta if p["A_scale"] is None else delta * rearrange(p["A_scale"][0], "d l -> l d")
         layers.append({"delta": delta, "B": B, "C": C, "A": p["A"], "decay_step": step,
                        "fixed": [k for k in ("B", "C") if not mixer.selective[k]]})
     return layers
@@ -88,11 +90,8 @@ def per_token(layers):
 def token_labels(tokenizer, ids):
     """The text of each token (list of l str). A byte token that only starts a UTF-8 character gets "" (the
     character is shown on its last byte); a byte that can never be valid gets U+FFFD."""
-    if tokenizer.unit != "byte":
-        return [tokenizer.decode([i]) for i in ids]
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    labels = [decoder.decode(bytes([i])) for i in ids]
-    labels[-1] += decoder.decode(b"", final=True)  # a character cut off at the end
+    *labels, end = tokenizer.decode_pieces(ids)
+    labels[-1] += end  # a character cut off at the end
     return labels
 
 
@@ -260,16 +259,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     text, ids = args.text, None
     if args.text_file:
-        try:
-            with open(args.text_file, encoding="utf-8", newline="") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            die(f"--text-file {args.text_file}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})")
+        text = read_text(args.text_file, "--text-file")
     elif args.ids:
-        try:
-            ids = [int(i) for i in args.ids.split(",")]
-        except ValueError:
-            die(f"--ids must be comma-separated integers, got {args.ids!r}")
+        ids = int_list(args.ids, "--ids")
     default = text is None and ids is None and args.task_example is None
     look_inside(args.ckpt, DEFAULT_TEXT if default else text, ids, args.out, args.json, args.max_tokens,
                 task_example=args.task_example)

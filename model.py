@@ -18,63 +18,56 @@ state_dict of an official Mamba loads as is: backbone.embedding, backbone.layers
 x_proj, dt_proj, A_log, D, out_proj}}, backbone.norm_f, lm_head.
 """
 import math
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
+import checkpoint
+from config import NON_NEGATIVE, POSITIVE, check_fields, must, option
 from selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update
 
-
-def _param(doc, default=MISSING):
-    """A dataclass field with a one-line description (main.py builds the config.ini schema from these)."""
-    return field(default=default, metadata={"doc": doc})
+DT_RANK = (lambda v: v == "auto" or (isinstance(v, int) and v > 0), 'a positive integer or "auto"')
 
 
 @dataclass
 class MambaConfig:
-    """Hyperparameters; names and defaults follow the official `Mamba` block and `MambaLMHeadModel`."""
-    d_model: int = _param("width of the residual stream (D in the paper)")
-    n_layer: int = _param("number of Mamba blocks")
-    vocab_size: int = _param("number of token ids the tokenizer produces")
-    d_state: int = _param("SSM state size per channel (N in the paper)", 16)
-    d_conv: int = _param("kernel width of the causal depthwise convolution", 4)
-    expand: int = _param("expansion factor: d_inner = expand * d_model (E in the paper)", 2)
-    dt_rank: int | str = _param('rank of the projection producing Δ; "auto" means ceil(d_model / 16)', "auto")
-    dt_min: float = _param("smallest initial step size Δ (log-uniform in [dt_min, dt_max])", 0.001)
-    dt_max: float = _param("largest initial step size Δ", 0.1)
-    dt_init_floor: float = _param("initial Δ is clamped to at least this", 1e-4)
-    dt_scale: float = _param("dt_proj weights start uniform in +-dt_scale / sqrt(dt_rank)", 1.0)
-    conv_bias: bool = _param("whether conv1d has a bias", True)
-    bias: bool = _param("whether in_proj and out_proj have biases", False)
-    norm_eps: float = _param("epsilon of the RMSNorms", 1e-5)
-    pad_vocab_size_multiple: int = _param("embedding rows are padded up to a multiple of this", 8)
-    tie_embeddings: bool = _param("whether lm_head shares the embedding matrix", True)
+    """The architecture ([model] in config.ini); names and defaults follow the official `Mamba` block and
+    `MambaLMHeadModel`, sizes default to this repository's default model. How to train it is TrainConfig's."""
+    d_model: int = option(256, "width of the residual stream (D in the paper)", POSITIVE)
+    n_layer: int = option(4, "number of Mamba blocks", POSITIVE)
+    vocab_size: int = option(256, "token ids the model reads and predicts; the tokenizer decides it", POSITIVE,
+                             derived=True)
+    d_state: int = option(16, "SSM state size per channel (N in the paper)", POSITIVE)
+    d_conv: int = option(4, "kernel width of the causal depthwise convolution", POSITIVE)
+    expand: int = option(2, "expansion factor: d_inner = expand * d_model (E in the paper)", POSITIVE)
+    dt_rank: int | str = option("auto", 'rank of the projection producing Δ; "auto" means ceil(d_model / 16)',
+                                DT_RANK)
+    dt_min: float = option(0.001, "smallest initial step size Δ (log-uniform in [dt_min, dt_max])", POSITIVE)
+    dt_max: float = option(0.1, "largest initial step size Δ", POSITIVE)
+    dt_init_floor: float = option(1e-4, "initial Δ is clamped to at least this", NON_NEGATIVE)
+    dt_scale: float = option(1.0, "dt_proj weights start uniform in +-dt_scale / sqrt(dt_rank)", POSITIVE)
+    conv_bias: bool = option(True, "whether conv1d has a bias")
+    bias: bool = option(False, "whether in_proj and out_proj have biases")
+    norm_eps: float = option(1e-5, "epsilon of the RMSNorms", POSITIVE)
+    pad_vocab_size_multiple: int = option(8, "embedding rows are padded up to a multiple of this", POSITIVE)
+    tie_embeddings: bool = option(True, "whether lm_head shares the embedding matrix")
     # The selection mechanism, one switch per SSM parameter (paper section 3.5.2 and Table 7). All off is a
     # linear time-invariant SSM (S4D-real inside the Mamba block) computed by the same scan.
-    selective_delta: bool = _param("Δ depends on the input (off: one learned step size per channel)", True)
-    selective_B: bool = _param("B depends on the input (off: a learned (d_inner, d_state) matrix)", True)
-    selective_C: bool = _param("C depends on the input (off: a learned (d_inner, d_state) matrix)", True)
-    selective_A: bool = _param("A depends on the input too, A_t = A * softplus(A_proj(u_t)) per channel (the "
-                               "paper's untested hypothesis; not in the official model)", False)
-    scan: Literal["fast", "ref"] = _param('selective scan for whole sequences: "fast" (parallel) or "ref" (loop)',
-                                          "fast")
-    init_from: str = _param("a pretrained directory or hub name to start from: its weights, its architecture "
-                            "(every other [model] key but scan is ignored) and its tokenizer (replacing [data] "
-                            "tokenizer); empty: random weights", "")
+    selective_delta: bool = option(True, "Δ depends on the input (off: one learned step size per channel)")
+    selective_B: bool = option(True, "B depends on the input (off: a learned (d_inner, d_state) matrix)")
+    selective_C: bool = option(True, "C depends on the input (off: a learned (d_inner, d_state) matrix)")
+    selective_A: bool = option(False, "A depends on the input too, A_t = A * softplus(A_proj(u_t)) per channel "
+                                      "(the paper's untested hypothesis; not in the official model)")
+    scan: Literal["fast", "ref"] = option("fast", 'selective scan for whole sequences: "fast" (parallel) or "ref" '
+                                                  "(loop)")
 
     def __post_init__(self):
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "pad_vocab_size_multiple"):
-            _require(name, getattr(self, name), _is_positive_int(getattr(self, name)), "a positive integer")
-        _require("dt_rank", self.dt_rank, self.dt_rank == "auto" or _is_positive_int(self.dt_rank),
-                 'a positive integer or "auto"')
-        for name in ("dt_min", "dt_max", "dt_scale", "norm_eps"):
-            _require(name, getattr(self, name), getattr(self, name) > 0, "a positive number")
-        _require("dt_max", self.dt_max, self.dt_max >= self.dt_min, f"at least dt_min = {self.dt_min}")
-        _require("dt_init_floor", self.dt_init_floor, self.dt_init_floor >= 0, "a number >= 0")
-        _require("scan", self.scan, self.scan in ("fast", "ref"), '"fast" or "ref"')
+        check_fields(self)
+        must(self, "dt_max", self.dt_max >= self.dt_min, f"at least dt_min = {self.dt_min}")
 
     @property
     def d_inner(self) -> int:
@@ -91,13 +84,13 @@ class MambaConfig:
         return (self.vocab_size + m - 1) // m * m
 
 
-def _is_positive_int(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _require(name, value, ok, expected):
-    if not ok:
-        raise ValueError(f"MambaConfig.{name} must be {expected}, got {value!r}")
+def pretrained_config(folder) -> MambaConfig:
+    """The MambaConfig that a published checkpoint's config.json describes, in either layout (checkpoint.py)."""
+    fields = checkpoint.read_pretrained_config(folder)
+    try:
+        return MambaConfig(**fields)
+    except ValueError as e:
+        raise checkpoint.PretrainedError(f"{folder}/config.json: {e}") from None
 
 
 def param_count(config: MambaConfig) -> int:
@@ -165,7 +158,8 @@ class MambaMixer(nn.Module):
         self.selective = {"delta": config.selective_delta, "B": config.selective_B, "C": config.selective_C,
                           "A": config.selective_A}
         widths = {"delta": self.dt_rank, "B": self.d_state, "C": self.d_state, "A": self.dt_rank}
-        self.split = [widths[k] for k, on in self.selective.items() if on]
+        self.x_proj_parts = [k for k, on in self.selective.items() if on]
+        self.split = [widths[k] for k in self.x_proj_parts]
         self.x_proj = nn.Linear(self.d_inner, sum(self.split), bias=False) if self.split else None
         if config.selective_delta:
             self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
@@ -220,41 +214,45 @@ class MambaMixer(nn.Module):
         self.out_proj.weight /= math.sqrt(config.n_layer)
 
     def ssm_params(self, u):
-        """u (..., d_inner) -> the selective scan's inputs besides u, as a dict:
-            dt (..., d_inner)  Δ before its bias; the scan computes Δ = softplus(dt + dt_bias) in float32, as the
-                               official kernel does (zeros when Δ is not selective: Δ = softplus(dt_bias))
-            dt_bias (d_inner,) float32;  A (d_inner, n) float32
-            B, C (..., n) when selective, else the fixed (d_inner, n) matrices
-            A_scale (..., d_inner) with selective A (A_t = A * A_scale_t), else None."""
-        parts = dict(zip([k for k, on in self.selective.items() if on],
-                         self.x_proj(u).split(self.split, dim=-1) if self.split else ()))
-        dt = F.linear(parts["delta"], self.dt_proj.weight) if "delta" in parts else u.new_zeros(()).expand(u.shape)
-        f32 = _compute_dtype(self.A_log.dtype)  # float32 (float64 in a float64 model)
-        return {"dt": dt, "dt_bias": self._dt_bias().to(f32), "A": -torch.exp(self.A_log.to(f32)),
-                "B": parts["B"] if "B" in parts else self.B, "C": parts["C"] if "C" in parts else self.C,
-                "A_scale": F.softplus(self.A_proj(parts["A"]).to(f32)) if "A" in parts else None}
+        """u (b, d_inner, l) -> the selective scan's other inputs, in its layout (paper Algorithm 2, S6), as a dict.
+        One line per parameter, the official (selective) value first; an ablation switch swaps in its constant:
+            A        (d_inner, n) float32   A = -exp(A_log), never input-dependent
+            B, C     (b, n, l)              s_B(u), s_C(u): slices of x_proj(u)      [fixed: (d_inner, n) matrices]
+            dt       (b, d_inner, l)        dt_proj.weight @ s_Δ(u), Δ before its bias: the scan computes
+                                            Δ = softplus(dt + dt_bias) in float32, as the official kernel does
+                                                                                     [fixed: 0, Δ = softplus(dt_bias)]
+            dt_bias  (d_inner,) float32
+            A_scale  (b, d_inner, l)        softplus(A_proj(s_A(u))), A_t = A * A_scale_t [not selective: None]
+        The same for one decoding step: u (b, d_inner) gives B, C (b, n) and dt, A_scale (b, d_inner)."""
+        s, f32 = self.selective, _compute_dtype(self.A_log.dtype)  # float32 (float64 in a float64 model)
+        parts = {} if self.x_proj is None else dict(  # x_proj reads u time-major: (b, l, d_inner) -> (b, l, R + 2n)
+            zip(self.x_proj_parts, self.x_proj(rearrange(u, "b d ... -> b ... d")).split(self.split, dim=-1)))
+        A = -torch.exp(self.A_log.to(f32))
+        B = rearrange(parts["B"], "b ... n -> b n ...") if s["B"] else self.B
+        C = rearrange(parts["C"], "b ... n -> b n ...") if s["C"] else self.C
+        dt = rearrange(F.linear(parts["delta"], self.dt_proj.weight), "b ... d -> b d ...") if s["delta"] \
+            else u.new_zeros(()).expand(u.shape)
+        A_scale = rearrange(F.softplus(self.A_proj(parts["A"]).to(f32)), "b ... d -> b d ...") if s["A"] else None
+        return {"A": A, "B": B, "C": C, "dt": dt, "dt_bias": self._dt_bias().to(f32), "A_scale": A_scale}
 
     def forward(self, hidden, cache=None):
         """hidden (b, l, d_model) -> (b, l, d_model). With cache = (conv_state, ssm_state) (prefill), leaves there
         the last d_conv conv inputs (b, d_inner, d_conv) and the state after the last position h_l (b, d_inner, n)."""
         l = hidden.shape[1]
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)             # (b, d_inner, l) each
+        x, z = rearrange(self.in_proj(hidden), "b l (two d) -> two b d l", two=2)     # (b, d_inner, l) each
         if cache is not None:
             conv_state, ssm_state = cache
             # The window the next step's conv needs, left-padded with zeros when l < d_conv (F.pad crops otherwise).
             conv_state.copy_(F.pad(x, (self.d_conv - l, 0)))
         # padding = d_conv - 1 on both sides; the first l outputs only see the past: the conv is causal.
-        u = self.act(self.conv1d(x)[..., :l])
-        p = self.ssm_params(u.transpose(1, 2))            # time-major (b, l, ...) like x_proj's output
-        # selective: (b, n, l) as the official kernel takes them; fixed: the (d_inner, n) matrix itself
-        B, C = (p[k].transpose(1, 2) if self.selective[k] else p[k] for k in ("B", "C"))
-        selective_A = {} if p["A_scale"] is None else {"A_scale": p["A_scale"].transpose(1, 2)}  # not official
-        y = self.scan(u, p["dt"].transpose(1, 2), p["A"], B, C, self.D.float(), z=z, delta_bias=p["dt_bias"],
-                      delta_softplus=True, return_last_state=cache is not None, **selective_A)
+        u = self.act(self.conv1d(x)[..., :l])                                       # (b, d_inner, l)
+        p = self.ssm_params(u)
+        y = self.scan(u, p["dt"], p["A"], p["B"], p["C"], self.D.float(), z=z, delta_bias=p["dt_bias"],
+                      delta_softplus=True, return_last_state=cache is not None, A_scale=p["A_scale"])
         if cache is not None:
             y, last_state = y
             ssm_state.copy_(last_state)
-        return self.out_proj(y.transpose(1, 2))
+        return self.out_proj(rearrange(y, "b d l -> b l d"))
 
     def step(self, hidden, conv_state, ssm_state):
         """One token, hidden (b, d_model) -> (b, d_model): the recurrence h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,
@@ -262,7 +260,7 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)                             # (b, d_inner) each
         # Slide the window one step and append x: the conv's output for this token is the window · filter.
         conv_state.copy_(torch.cat((conv_state[:, :, 1:], x.unsqueeze(-1)), dim=-1))
-        u = (conv_state * self.conv1d.weight[:, 0]).sum(-1)                     # weight (d_inner, 1, d_conv)
+        u = (conv_state * rearrange(self.conv1d.weight, "d 1 k -> d k")).sum(-1)
         if self.conv1d.bias is not None:
             u = u + self.conv1d.bias
         u = self.act(u)
@@ -342,14 +340,21 @@ class MambaLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path) -> "MambaLM":
-        """A published Mamba (original or Hugging Face layout) from a directory or a hub name: pretrained.py."""
-        from pretrained import load_pretrained  # the loader is not architecture: it lives in its own file
-        return load_pretrained(path)
+        """A published Mamba (original or Hugging Face layout, see checkpoint.py) from a directory or a hub name,
+        in eval mode on the CPU, in float32 whatever dtype its weights were stored in."""
+        folder = checkpoint.resolve(path)
+        model = cls(pretrained_config(folder))
+        model.load_pretrained_weights(folder)
+        return model.eval()
+
+    def load_pretrained_weights(self, folder):
+        """Copy a published checkpoint's weights into this model, whose config must be the checkpoint's."""
+        self.load_state_dict(checkpoint.read_pretrained_weights(folder, self.state_dict(), self.config.tie_embeddings))
 
     def save_pretrained(self, directory):
-        """config.json + model.safetensors that transformers.MambaForCausalLM.from_pretrained reads: pretrained.py."""
-        from pretrained import save_pretrained
-        return save_pretrained(self, directory)
+        """config.json + model.safetensors that transformers.MambaForCausalLM.from_pretrained reads (and
+        from_pretrained reads back with the same config); returns the weight file."""
+        return checkpoint.write_pretrained(directory, self.config, self.state_dict())
 
     def num_params(self) -> int:
         """Number of parameters, the tied embedding counted once (parameters() yields a shared tensor once)."""
@@ -395,7 +400,7 @@ class MambaLM(nn.Module):
     @torch.inference_mode()
     def stream(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
         """Yields max_new_tokens next-token ids (b,), one at a time, continuing input_ids (b, l), l >= 1."""
-        _check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p)
         if max_new_tokens <= 0:
             return
         cache = self.allocate_cache(input_ids.shape[0], device=input_ids.device)
@@ -413,19 +418,20 @@ class MambaLM(nn.Module):
         return torch.cat([input_ids, *(token[:, None] for token in new)], dim=1)
 
 
-def _check_sampling(temperature, top_k, top_p):
+def check_sampling(temperature, top_k, top_p):
+    """A ValueError naming the first sampling setting that is impossible (top_k and top_p may be None)."""
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature!r}")
     if top_k is not None and not top_k >= 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k!r}")
+        raise ValueError(f"top_k must be >= 1, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """logits (b, v) -> token ids (b,). temperature 0 is greedy (argmax); top_k keeps the k most likely ids;
     top_p keeps the smallest set of most likely ids whose probability reaches top_p (nucleus sampling)."""
-    _check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature

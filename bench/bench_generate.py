@@ -175,7 +175,8 @@ class MambapyLM(nn.Module):
 
     def __init__(self, d_model, n_layer, vocab_size):
         super().__init__()
-        from mambapy.mamba import Mamba, MambaConfig as MambapyConfig, RMSNorm  # a benchmark-only dependency
+        from mambapy.mamba import Mamba, RMSNorm  # a benchmark-only dependency
+        from mambapy.mamba import MambaConfig as MambapyConfig
         self.config = MambapyConfig(d_model=d_model, n_layers=n_layer, pscan=True)
         padded = MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size).padded_vocab_size
         self.embedding = nn.Embedding(padded, d_model)

@@ -1,7 +1,8 @@
 """Benchmark the selective scan: selective_scan_fn vs the sequential loop vs mambapy's pscan.
 
     python bench/bench_scan.py                                  # the grid of the core issue
-    python bench/bench_scan.py --sizes 1x1536 --lengths 256,1024,4096,16384 --modes fwd,fwdbwd --png assets/scan_scaling.png
+    python bench/bench_scan.py --sizes 1x1536 --lengths 256,1024,4096,16384 --modes fwd,fwdbwd \
+        --png assets/scan_scaling.png
     python bench/bench_scan.py --device cuda
 
 Every (method, shape) runs in a fresh subprocess, so its peak memory is its own: on CPU the
@@ -173,7 +174,8 @@ def main():
     methods = args.methods.split(",")
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"selective scan, float32, n={args.n}, {name}, torch {torch.__version__}, median of {args.repeats}\n")
-    print("| b x d | l | mode | " + " | ".join(f"{m} time / peak" for m in methods) + " | fast speed-up vs best other |")
+    columns = " | ".join(f"{m} time / peak" for m in methods)
+    print(f"| b x d | l | mode | {columns} | fast speed-up vs best other |")
     print("|" + "---|" * (len(methods) + 4))
     rows = run_grid(args)
     if args.png:

@@ -48,6 +48,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 from bench_generate import GPT, MambapyLM, sync  # noqa: E402  (the baselines are defined once, there)
 from bench_scan import first_run_peak  # noqa: E402
+
 from model import MambaConfig, MambaLM, param_count  # noqa: E402
 
 MODELS = ("ours", "mambapy", "transformer")

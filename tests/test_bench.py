@@ -1,9 +1,10 @@
 """bench/: each benchmark script runs end to end at a tiny size, printing its markdown table and finite ratios, and
 the baselines of bench_generate.py decode with their caches exactly as their full forward computes.
 
-The figures themselves are the lead's to measure on a quiet machine (README "Performance"); these only keep the
+The figures themselves are the lead's to measure on a quiet machine (docs/performance.md); these only keep the
 scripts working as model.py, transformers and mambapy change under them.
 """
+import importlib.util
 import json
 import math
 import os
@@ -16,8 +17,10 @@ from types import SimpleNamespace
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from bench_generate import build_models, decoder  # noqa: E402
+_spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "bench" / "bench_generate.py")
+bench_generate = importlib.util.module_from_spec(_spec)  # a script, not a package: loaded from its file
+_spec.loader.exec_module(bench_generate)
+build_models, decoder = bench_generate.build_models, bench_generate.decoder
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--d-model", "32", "--n-layer", "2", "--threads", "1"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import checkpoint
+from pretrained import load_checkpoint
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
@@ -14,7 +15,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file_intact(tmp_path, mon
     before = path.read_bytes()
     save = torch.save
     for error in (OSError(28, "No space left on device"), KeyboardInterrupt()):
-        def save_part_then_fail(obj, f):
+        def save_part_then_fail(obj, f, error=error):
             f.write(b"the first bytes of a checkpoint")
             raise error
 
@@ -56,7 +57,7 @@ def test_bad_checkpoints_give_one_line_and_code_is_never_run(tmp_path, one_line_
               "pickle.pt": "is not a readable checkpoint", "foreign.pt": "is not a baby_mamba checkpoint"}
     for name, words in expect.items():
         with pytest.raises(SystemExit) as stop:
-            checkpoint.load_checkpoint(tmp_path / name)
+            load_checkpoint(tmp_path / name)
         err = one_line_error()
         assert stop.value.code == 2 and words in err and "pass the path to a file written by main.py" in err, err
     assert not marker.exists()

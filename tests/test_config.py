@@ -1,23 +1,31 @@
-"""main.py: the INI schema, its one-line errors (exit 2), typed parsing, and write/load round trips."""
+"""config.py and main.py's reading of it: the INI schema, its one-line errors (exit 2), typed parsing,
+value checks by name, and write/load round trips."""
 
 import configparser
 import dataclasses
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import main  # noqa: E402
-from data import DataConfig  # noqa: E402
-from main import ConfigError, load_config, parse_value, write_config  # noqa: E402
-from model import MambaConfig  # noqa: E402
-from train import TrainConfig  # noqa: E402
+import config
+import main
+from config import ConfigError, parse_value, write_config
+from data import DataConfig
+from model import MambaConfig
+from train import TrainConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = "[model]\nd_model = 32\nn_layer = 2\n"
+
+
+def load_config(path, overrides=()):
+    """(MambaConfig, DataConfig, TrainConfig) of a file, as main.py reads it."""
+    loaded = config.load(path, main.SECTIONS, overrides, moved=main.MOVED)
+    return tuple(loaded.build(section) for section in main.SECTIONS)
 
 
 def run_main(*args, cwd=ROOT):
@@ -37,11 +45,13 @@ BAD_INPUTS = {
     "wrong type": (MINIMAL + "d_state = abc\n", [], ["bad.ini", "[model] d_state = abc", "integer"]),
     "wrong bool": (MINIMAL + "conv_bias = maybe\n", [], ["[model] conv_bias = maybe", "true or false"]),
     "not a choice": (MINIMAL + "[data]\ntokenizer = word\n", [], ["[data] tokenizer = word", "byte, char"]),
-    "d_state = 0": (MINIMAL + "d_state = 0\n", [], ["bad.ini", "[model] d_state = 0", "positive"]),
+    "d_state = 0": (MINIMAL + "d_state = 0\n", [], ["bad.ini", "[model] d_state = 0", "d_state must be > 0"]),
     "batch_size = 0": (MINIMAL + "[training]\nbatch_size = 0\n", [], ["[training] batch_size = 0"]),
     "lr < 0": (MINIMAL + "[training]\nlr = -1e-3\n", [], ["[training] lr = -1e-3"]),
     "val_fraction": (MINIMAL + "[data]\nval_fraction = 1.5\n", [], ["[data] val_fraction = 1.5"]),
-    "missing key": ("[model]\nd_model = 32\n", [], ["bad.ini", "[model]", "n_layer"]),
+    "moved key": (MINIMAL + "init_from = some/dir\n", [], ["bad.ini", "[model] init_from = some/dir",
+                                                         "now a key of [training]"]),
+    "min_lr > lr": (MINIMAL + "[training]\nmin_lr = 0.1\n", [], ["[training] min_lr = 0.1", "<= lr = 0.003"]),
     "missing file": (None, [], ["does_not_exist.ini"]),
     "--set syntax": (MINIMAL, ["--set", "training.lr"], ["--set training.lr", "section.key=value"]),
     "--set unknown key": (MINIMAL, ["--set", "model.colour=red"], ["--set model.colour=red", "unknown key"]),
@@ -50,8 +60,10 @@ BAD_INPUTS = {
     "unknown task": (MINIMAL + "[data]\ntask = copying\n", [], ["[data] task = copying", "selective_copying"]),
     "task too long": (MINIMAL + "[data]\ntask = selective_copying\ntask_tokens = 200\n", [],
                       ["[data] task = selective_copying", "seq_len >= 2 * task_tokens = 400", "got 256"]),
-    "task and init_from": (MINIMAL + "[data]\ntask = induction_heads\n", ["--set", "model.init_from=some/dir"],
-                           ["induction_heads", "init_from"]),
+    "task and init_from": (MINIMAL + "[data]\ntask = induction_heads\n", ["--set", "training.init_from=some/dir"],
+                           ["bad.ini [data] task = induction_heads", "leave [training] init_from empty"]),
+    "no such init_from": (MINIMAL, ["--set", "training.init_from=no/such/dir"],
+                          ["--set training.init_from=no/such/dir: no/such/dir: no such directory"]),
 }
 
 
@@ -121,11 +133,11 @@ def test_each_type_parses_and_rejects():
 def test_load_config_types_and_overrides(tmp_path):
     path = ini(tmp_path, MINIMAL + "dt_rank = 8\nconv_bias = no\ntie_embeddings = On\nscan = ref\n"
                          "[training]\nlr = 1e-3   # an inline comment\ncompile = yes\n", "ok.ini")
-    model_kw, data_cfg, train_cfg = load_config(path, ["training.lr=2e-3", "training.lr=4e-3",
-                                                       "data.tokenizer=char"])
-    assert model_kw["dt_rank"] == 8 and model_kw["conv_bias"] is False
-    assert model_kw["tie_embeddings"] is True and model_kw["scan"] == "ref"
-    assert "vocab_size" not in model_kw and model_kw["d_state"] == MambaConfig.d_state  # default
+    model_cfg, data_cfg, train_cfg = load_config(path, ["training.lr=2e-3", "training.lr=4e-3",
+                                                        "data.tokenizer=char"])
+    assert model_cfg.dt_rank == 8 and model_cfg.conv_bias is False
+    assert model_cfg.tie_embeddings is True and model_cfg.scan == "ref"
+    assert model_cfg.d_state == MambaConfig.d_state == 16  # the default
     assert train_cfg.lr == 4e-3 and train_cfg.compile is True  # the last --set wins
     assert data_cfg == DataConfig(tokenizer="char")
 
@@ -145,27 +157,77 @@ def test_write_config_round_trips(tmp_path):
                             conv_bias=False, scan="ref")
     data_cfg = DataConfig(source="some dir/with spaces", tokenizer="char", val_fraction=1 / 3)
     train_cfg = TrainConfig(lr=3e-4, min_lr=1e-5, batch_size=3, compile=True, device="cpu")
-    write_config(tmp_path / "run" / "config.ini", model_cfg, data_cfg, train_cfg)
-    model_kw, data_back, train_back = load_config(str(tmp_path / "run" / "config.ini"))
-    assert MambaConfig(vocab_size=99, **model_kw) == model_cfg
+    write_config(tmp_path / "run" / "config.ini", {"model": model_cfg, "data": data_cfg, "training": train_cfg})
+    model_back, data_back, train_back = load_config(str(tmp_path / "run" / "config.ini"))
+    assert replace(model_back, vocab_size=99) == model_cfg  # vocab_size is not a key: the tokenizer's
     assert data_back == data_cfg and train_back == train_cfg
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.ini"]  # no temp file left
 
 
 @pytest.mark.parametrize("name", ["config.ini", "configs/tiny.ini"])
 def test_shipped_configs_parse(name):
-    model_kw, data_cfg, train_cfg = load_config(str(ROOT / name))
-    MambaConfig(vocab_size=256, **model_kw)
-    assert data_cfg.source == "stdlib"
+    model_cfg, data_cfg, train_cfg = load_config(str(ROOT / name))
+    assert data_cfg.source == "stdlib" and model_cfg.d_model > 0
 
 
 def test_default_config_lists_every_key_with_its_default():
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str
     parser.read(ROOT / "config.ini", encoding="utf-8")
-    for section, cls in main.sections().items():
-        keys = main.schema(section, cls)
+    for section, cls in main.SECTIONS.items():
+        keys = config.schema(cls)
         assert list(parser[section]) == list(keys)
         for key, spec in keys.items():
             if spec.default is not dataclasses.MISSING:
                 assert parse_value(parser[section][key], spec.type) == spec.default, key
+
+
+# ----------------------------------------------------------------------------------------------------
+# The checks the dataclasses make, from Python as from a file
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: MambaConfig(d_state=2.5), "MambaConfig.d_state must be an integer, got 2.5"),
+    (lambda: MambaConfig(conv_bias=1), "MambaConfig.conv_bias must be true or false, got 1"),
+    (lambda: MambaConfig(dt_rank="big"), 'MambaConfig.dt_rank must be a positive integer or "auto", got \'big\''),
+    (lambda: MambaConfig(dt_min=0.5), "MambaConfig.dt_max must be at least dt_min = 0.5, got 0.1"),
+    (lambda: DataConfig(val_fraction=1.0), "DataConfig.val_fraction must be strictly between 0 and 1, got 1.0"),
+    (lambda: DataConfig(source=" "), "DataConfig.source must be a non-empty string"),
+    (lambda: TrainConfig(device="gpu"), "TrainConfig.device must be one of auto, cpu, cuda, got 'gpu'"),
+    (lambda: TrainConfig(lr=float("nan")), "TrainConfig.lr must be a number, got nan"),
+])
+def test_every_dataclass_refuses_a_bad_value_by_name(make, words):
+    with pytest.raises(ValueError) as info:
+        make()
+    assert str(info.value).startswith(words), str(info.value)
+
+
+def test_a_required_key_that_is_missing_is_named(tmp_path):
+    """The machinery is the dataclasses': a field without a default is a required key."""
+    @dataclasses.dataclass
+    class Needs:
+        size: int = config.option(doc="a size")
+        name: str = config.option("x", "a name")
+
+    loaded = config.load(ini(tmp_path, "[toy]\nname = y\n"), {"toy": Needs})
+    with pytest.raises(ConfigError, match=r"bad.ini \[toy\]: missing key 'size' \(an integer\)"):
+        loaded.build("toy")
+    assert config.load(ini(tmp_path, "[toy]\nsize = 3\n"), {"toy": Needs}).build("toy") == Needs(3, "x")
+
+
+def test_where_names_the_default_a_key_took(tmp_path):
+    loaded = config.load(ini(tmp_path, MINIMAL), main.SECTIONS, ["training.lr=1e-3"])
+    assert loaded.where("training", "lr") == "--set training.lr=1e-3"
+    assert loaded.where("model", "d_model") == f"{tmp_path / 'bad.ini'} [model] d_model = 32"
+    assert loaded.where("data", "task") == f"{tmp_path / 'bad.ini'} [data] task = none (default)"
+
+
+def test_a_warmup_longer_than_the_run_is_cut_to_it_with_a_note(tmp_path):
+    result = run_main("-c", str(ROOT / "configs" / "tiny.ini"), "--set", "training.max_steps=3",
+                      "--set", "training.warmup_steps=40", "--set", f"training.out_dir={tmp_path / 'out'}",
+                      "--set", "training.eval_interval=3", cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "note: warmup_steps = 40 is longer than the run (max_steps = 3): the warm-up is cut to 3" in result.stderr
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=40, max_steps=3)
+    from train import lr_at
+    assert [lr_at(s, cfg) for s in range(4)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-4])

@@ -1,15 +1,14 @@
 """data.py: tokenizers, sources (stdlib, file, folder, file:// URL), the token cache, get_batch."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
-from data import ByteTokenizer, CharTokenizer, DataConfig, Tokenizer, get_batch, load_dataset  # noqa: E402
+import data
+import tasks
+from data import ByteTokenizer, CharTokenizer, DataConfig, TaskTokenizer, Tokenizer, get_batch, load_dataset
 
 UNICODE = ("plain ASCII, tabs\tand\r\nCRLF, NUL \x00, é vs e\u0301 (combining), Zoë, Ελληνικά, "
            "中文字符, 日本語のかな, 한국어, emoji 😀👍🏽 and a family 👨‍👩‍👧, math 𝔸∑∫, RTL עברית")
@@ -40,7 +39,7 @@ def test_byte_tokenizer_round_trips_any_unicode_exactly():
 
 
 def test_byte_decode_of_a_cut_character_does_not_crash():
-    cut = list("a😀".encode("utf-8"))[:3]  # 'a' and half of the emoji
+    cut = list("a😀".encode())[:3]  # 'a' and half of the emoji
     assert ByteTokenizer().decode(cut) == "a\ufffd"
 
 
@@ -135,20 +134,23 @@ def test_cache_is_reused_then_rebuilt_when_the_source_changes(tmp_path, monkeypa
     cfg = DataConfig(source=str(path), cache_dir=str(tmp_path / "c"))
     first = load_dataset(cfg)
 
+    def caches():  # the cache folders (an encoded corpus each) in cache_dir
+        return sum(1 for p in (tmp_path / "c").iterdir() if (p / "meta.json").is_file())
+
     def no_build(*args):
         raise AssertionError("the cache should have been reused")
 
     with monkeypatch.context() as m:
         m.setattr(data, "_build", no_build)
         again = load_dataset(cfg)
-    assert again.path == first.path and np.array_equal(stream(again), stream(first))
+    assert caches() == 1 and np.array_equal(stream(again), stream(first))
 
     write(path, "version two, longer " * 20)
     changed = load_dataset(cfg)
-    assert changed.path != first.path
+    assert caches() == 2  # a new cache beside the old one
     assert bytes(stream(changed)) == ("version two, longer " * 20).encode()
-    other_tokenizer = load_dataset(DataConfig(source=str(path), tokenizer="char", cache_dir=cfg.cache_dir))
-    assert other_tokenizer.path != changed.path
+    load_dataset(DataConfig(source=str(path), tokenizer="char", cache_dir=cfg.cache_dir))
+    assert caches() == 3
 
 
 @pytest.mark.parametrize("make, match", [
@@ -221,3 +223,30 @@ def test_corpus_too_short_for_seq_len(tmp_path):
     ds = load_dataset(DataConfig(source=str(write(tmp_path / "t.txt", "x" * 40)), cache_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="fewer than seq_len"):
         get_batch(ds.val, 2, 8, torch.Generator())
+
+
+def test_task_tokenizer_round_trips_and_is_saved_in_checkpoints():
+    """The symbols of tasks.py's docstring, one per id, and the kinds of token look_inside.py groups by."""
+    for task in tasks.TASKS:
+        tok = TaskTokenizer(task, 16)
+        ids = list(range(16))
+        assert tok.encode(tok.decode(ids)) == ids and len(set(tok.decode(ids))) == 16
+        assert isinstance(Tokenizer.from_state_dict(tok.state_dict()), TaskTokenizer)
+    assert TaskTokenizer("selective_copying", 4).decode([0, 1, 2, 3]) == ".|ab"
+    assert TaskTokenizer("induction_heads", 4).decode([0, 1, 2, 3]) == "abc*"
+    with pytest.raises(ValueError, match="not a symbol"):
+        TaskTokenizer("induction_heads", 4).encode("abd")
+    sc = TaskTokenizer("selective_copying", 5)
+    assert [sc.token_class(i) for i in (tasks.NOISE, tasks.MARKER, 2, 4)] == ["noise", "marker", "data", "data"]
+    ih = TaskTokenizer("induction_heads", 5)
+    assert [ih.token_class(i) for i in (0, 3, tasks.trigger(5))] == ["ordinary", "ordinary", "trigger"]
+
+
+def test_byte_pieces_decode_utf8_incrementally_like_decoding_everything_at_once():
+    """What generate.py streams and look_inside.py labels tokens with."""
+    text = "aé✓😀 done"
+    data = list(text.encode("utf-8")) + [0xFF, 0xE2, 0x9C]  # then an invalid byte and a cut-off character
+    pieces = list(ByteTokenizer().decode_pieces(data))
+    assert "".join(pieces) == bytes(data).decode("utf-8", errors="replace")
+    assert pieces[:6] == ["a", "", "é", "", "", "✓"]  # a character appears with its last byte, never half
+    assert "\ufffd" not in "".join(pieces[:len(text.encode())])

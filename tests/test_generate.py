@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import generate
-import train
 from data import DataConfig
 from model import MambaConfig
-from checkpoint import load_checkpoint
+from pretrained import load_checkpoint
+from runs import train_run
 from train import TrainConfig
 
 torch.set_num_threads(1)  # the subprocesses use one thread too, so sampling sees the same logits
@@ -27,7 +27,7 @@ def trained(folder: Path, tokenizer: str, steps: int) -> Path:
                       val_fraction=0.1)
     cfg = TrainConfig(out_dir=str(folder / "out"), device="cpu", batch_size=4, seq_len=32, max_steps=steps,
                       lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_interval=steps, eval_batches=1, ckpt_interval=steps)
-    train.train(MambaConfig(d_model=32, n_layer=2, vocab_size=256), data, cfg)
+    train_run(MambaConfig(d_model=32, n_layer=2), data, cfg)
     return folder / "out" / "ckpt.pt"
 
 
@@ -77,19 +77,8 @@ def test_several_samples_and_a_prompt_file(ckpt, tmp_path):
     assert "sampled 60 tokens" in result.stderr
 
 
-def test_utf8_is_decoded_incrementally_like_decoding_everything_at_once():
-    class Bytes:
-        unit = "byte"
-
-    text = "aé✓😀 done"
-    data = list(text.encode("utf-8")) + [0xFF, 0xE2, 0x9C]  # then an invalid byte and a cut-off character
-    pieces = list(generate.text_pieces(Bytes(), data))
-    assert "".join(pieces) == bytes(data).decode("utf-8", errors="replace")
-    assert pieces[:6] == ["a", "", "é", "", "", "✓"]  # a character appears with its last byte, never half
-    assert "\ufffd" not in "".join(pieces[:len(text.encode())])
-
-
-@pytest.mark.parametrize("case", ["missing", "corrupt", "empty prompt", "unknown char", "bad temperature"])
+@pytest.mark.parametrize("case", ["missing", "corrupt", "empty prompt", "unknown char", "bad temperature",
+                                  "bad top-k", "bad top-p", "no prompt file", "no tokens", "no gpu"])
 def test_bad_input_is_one_line_and_exit_2(case, ckpt, char_ckpt, tmp_path):
     (tmp_path / "corrupt.pt").write_bytes(b"\x00not a checkpoint")
     args, words = {
@@ -98,7 +87,15 @@ def test_bad_input_is_one_line_and_exit_2(case, ckpt, char_ckpt, tmp_path):
         "empty prompt": (["--ckpt", ckpt, "--prompt", ""], "the prompt is empty"),
         "unknown char": (["--ckpt", char_ckpt, "--prompt", "the €"], "'€' (U+20AC) is not in the char vocabulary"),
         "bad temperature": (["--ckpt", ckpt, "--temperature", -1], "--temperature must be >= 0"),
+        "bad top-k": (["--ckpt", ckpt, "--top-k", 0], "--top-k must be >= 1, got 0"),
+        "bad top-p": (["--ckpt", ckpt, "--top-p", 1.5], "--top-p must be in (0, 1], got 1.5"),
+        "no prompt file": (["--ckpt", ckpt, "--prompt-file", tmp_path / "none.txt"],
+                           f"--prompt-file {tmp_path / 'none.txt'}: cannot read it as UTF-8 text"),
+        "no tokens": (["--ckpt", ckpt, "--max-new-tokens", 0], "--max-new-tokens must be >= 1, got 0"),
+        "no gpu": (["--ckpt", ckpt, "--device", "cuda"], "--device cuda, but torch sees no CUDA device"),
     }[case]
+    if case == "no gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     result = run(*args)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and words in result.stderr, \

@@ -1,5 +1,6 @@
 """look_inside.py reports the Δ, B and C the model's own scan uses, and writes its figure; make_figures.py
 writes both README diagrams."""
+import importlib.util
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import checkpoint
 import look_inside
 from data import ByteTokenizer
 from model import MambaConfig, MambaLM
+from pretrained import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
@@ -36,7 +38,6 @@ def ckpt(tmp_path_factory):
     checkpoint.save_checkpoint({  # an empty optimizer state: building AdamW costs seconds and nothing here reads it
         "format": checkpoint.CKPT_FORMAT, "step": 0, "model": model.state_dict(), "optimizer": {},
         "rng": {"torch": torch.get_rng_state(), "cuda": None}, "data_rng": [torch.Generator().get_state()],
-        "world_size": 1, "replicas": [checkpoint.model_fingerprint(model.state_dict())],
         "config": {"model": asdict(config), "data": {}, "training": {}}, "tokenizer": ByteTokenizer().state_dict(),
         "metrics": {}}, path)
     return path
@@ -66,7 +67,7 @@ def run_recurrence(u, delta, A, B, C, D, z):
 
 def test_delta_b_c_are_the_ones_the_models_scan_uses(ckpt, tmp_path):
     result = look_inside.look_inside(ckpt, TEXT, out=tmp_path / "delta.png")
-    model, tokenizer, _ = checkpoint.load_checkpoint(ckpt)
+    model, tokenizer, _ = load_checkpoint(ckpt)
     calls = scan_calls(model)
     with torch.no_grad():
         model(torch.tensor([tokenizer.encode(TEXT)]))
@@ -146,7 +147,8 @@ def test_task_example_with_ablation_switches(tmp_path, capsys):
     """A Selective Copying checkpoint whose model has a fixed B and a selective A: the reported Δ and decay step
     are the scan's (Δ from its dt and bias, the decay step Δ·A_scale), and the data/noise ratio is the ratio of
     the mean Δ over the example's data tokens and noise tokens, recounted here from the token ids."""
-    from tasks import TaskTokenizer, selective_copying
+    from data import TaskTokenizer
+    from tasks import selective_copying
 
     torch.manual_seed(0)
     config = MambaConfig(d_model=32, n_layer=2, vocab_size=16, selective_B=False, selective_A=True)
@@ -155,7 +157,6 @@ def test_task_example_with_ablation_switches(tmp_path, capsys):
     checkpoint.save_checkpoint({
         "format": checkpoint.CKPT_FORMAT, "step": 0, "model": model.state_dict(), "optimizer": {},
         "rng": {"torch": torch.get_rng_state(), "cuda": None}, "data_rng": [torch.Generator().get_state()],
-        "world_size": 1, "replicas": [checkpoint.model_fingerprint(model.state_dict())],
         "config": {"model": asdict(config), "data": {"task": "selective_copying", "task_vocab": 16, "task_tokens": 4},
                    "training": {"seq_len": 40}},
         "tokenizer": TaskTokenizer("selective_copying", 16).state_dict(), "metrics": {}}, path)
@@ -180,11 +181,9 @@ def test_task_example_with_ablation_switches(tmp_path, capsys):
 
 
 def test_make_figures_writes_both_diagrams(tmp_path):
-    sys.path.insert(0, str(ROOT / "assets"))
-    try:
-        import make_figures
-    finally:
-        sys.path.remove(str(ROOT / "assets"))
+    spec = importlib.util.spec_from_file_location("make_figures", ROOT / "assets" / "make_figures.py")
+    make_figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_figures)
     make_figures.main(["--out-dir", str(tmp_path / "figs")])
     for name in ("ssm.png", "mamba_architecture.png"):
         data = (tmp_path / "figs" / name).read_bytes()

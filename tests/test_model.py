@@ -3,16 +3,13 @@ independent Mamba, initialisation statistics, optimiser groups and config valida
 import dataclasses
 import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import MambaConfig, MambaLM, param_count, sample_next_token  # noqa: E402
+from model import MambaConfig, MambaLM, param_count, sample_next_token
 
 VOCAB = 50  # padded to 56 by the default multiple of 8: the padding ids must never be sampled
 

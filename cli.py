@@ -1,0 +1,39 @@
+"""What every command here shares: the one-line error exit, the device rule, and reading inputs.
+
+The project's rule for bad input: one line on stderr saying what is wrong and how to fix it, exit status
+2, no traceback (``die``). main.py, generate.py, look_inside.py, evaluate.py and pretrained.py all use it.
+"""
+import sys
+
+import torch
+
+
+def die(message: str, status: int = 2):
+    """Stop the program with one line on stderr and no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def pick_device(name: str, where: str) -> torch.device:
+    """"auto": CUDA when torch sees a GPU, else the CPU; "cuda" without a GPU is a one-line error naming
+    ``where`` the choice was made ("--device", "[training] device =")."""
+    if name == "cuda" and not torch.cuda.is_available():
+        die(f"{where} cuda, but torch sees no CUDA device; use auto or cpu")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def read_text(path: str, flag: str) -> str:
+    """The UTF-8 text of ``path`` exactly as stored (newline="" keeps "\\r\\n"), or die naming ``flag``."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"{flag} {path}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})")
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """"64,128,256" -> [64, 128, 256], or die naming ``flag``."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        die(f"{flag} must be comma-separated integers, got {text!r}")

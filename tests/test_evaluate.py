@@ -1,0 +1,60 @@
+"""evaluate.py: the long-sequence evaluation equals the full forward, accuracy counts the answer tokens, and
+the command scores a task checkpoint at other lengths and refuses impossible ones in one line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import tasks
+from model import MambaConfig, MambaLM
+from runs import train_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_answer_logits_equal_the_full_forward(monkeypatch):
+    """Prefill then recurrent steps (PREFILL_TOKENS made small so most positions go through the step path)."""
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=16, d_state=8)).eval()
+    with torch.no_grad():
+        model.backbone.embedding.weight.mul_(50)
+    x, y = tasks.selective_copying(3, 90, 16, 5, torch.Generator().manual_seed(0))
+    scored = list(range(85, 90))
+    with torch.no_grad():
+        full = model(x)[:, scored]
+    for limit in (2**16, 90, 1):   # prefill 85 tokens, 30 (= 90 // 3), 1
+        monkeypatch.setattr(evaluate, "PREFILL_TOKENS", limit)
+        torch.testing.assert_close(evaluate.answer_logits(model, x, scored), full, rtol=1e-4, atol=1e-4)
+
+
+def test_accuracy_counts_answer_tokens():
+    """A model rigged to always answer the token id 2 scores exactly the fraction of answers that are 2, counted
+    here from the same seeded examples."""
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=16, d_state=4)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[2] = 1.0  # logits = hidden · row: 16 for id 2 and 0 for the others once hidden = 1
+    model.backbone.norm_f.register_forward_hook(lambda m, a, out: torch.ones_like(out))
+    acc = evaluate.accuracy_at(model, "selective_copying", 16, 4, 40, examples=50, batch_size=16, seed=3)
+    g = torch.Generator().manual_seed(3)
+    answers = torch.cat([tasks.selective_copying(n, 40, 16, 4, g)[1][:, -4:] for n in (16, 16, 16, 2)])
+    assert acc == pytest.approx((answers == 2).float().mean().item())
+
+
+def test_task_checkpoint_evaluates_at_other_lengths(tmp_path):
+    train_task(tmp_path, "short", 2)
+    out = tmp_path / "acc.json"
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(tmp_path / "short" / "ckpt.pt"),
+                             "--lengths", "8,64", "--examples", "5", "--json", str(out)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())[0]["results"]
+    assert [r["length"] for r in results] == [8, 64] and all(0 <= r["accuracy"] <= 1 for r in results)
+    bad = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(tmp_path / "short" / "ckpt.pt"),
+                          "--lengths", "3"], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "the length >= 2 * task_tokens" in bad.stderr
