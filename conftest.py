@@ -23,3 +23,11 @@ def one_line_error(capsys):
         assert err.count("\n") == 1 and err.startswith("error: "), err
         return err
     return read
+
+
+@pytest.fixture
+def unicode_text():
+    """Text that trips byte and character handling: CRLF, NUL, combining marks, many scripts, emoji
+    sequences and astral-plane characters."""
+    return ("plain ASCII, tabs\tand\r\nCRLF, NUL \x00, é vs e\u0301 (combining), Zoë, Ελληνικά, "
+            "中文字符, 日本語のかな, 한국어, emoji 😀👍🏽 and a family 👨‍👩‍👧, math 𝔸∑∫, RTL עברית")

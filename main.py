@@ -22,9 +22,10 @@ import torch
 import tasks
 from cli import die
 from config import ConfigError, config_text, load
-from data import Batches, DataConfig, DataError, TaskTokenizer, load_dataset
+from data import Batches, DataConfig, DataError, load_dataset
 from model import MambaConfig, MambaLM
 from pretrained import PretrainedError, read_config, read_tokenizer, resolve
+from tokenizer import TaskTokenizer
 from train import Run, TrainConfig, train
 
 SECTIONS = {"model": MambaConfig, "data": DataConfig, "training": TrainConfig}

@@ -62,8 +62,7 @@ class MambaConfig:
     selective_C: bool = option(True, "C depends on the input (off: a learned (d_inner, d_state) matrix)")
     selective_A: bool = option(False, "A depends on the input too, A_t = A * softplus(A_proj(u_t)) per channel "
                                       "(the paper's untested hypothesis; not in the official model)")
-    scan: Literal["fast", "ref"] = option("fast", 'selective scan for whole sequences: "fast" (parallel) or "ref" '
-                                                  "(loop)")
+    scan: Literal["fast", "ref"] = option("fast", 'scan for whole sequences: "fast" (parallel) or "ref" (loop)')
 
     def __post_init__(self):
         check_fields(self)
@@ -114,6 +113,11 @@ def param_count(config: MambaConfig) -> int:
 def _compute_dtype(dtype):
     """float32, or float64 for a float64 model: the precision of norms, the residual stream and the SSM state."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _along_time(pattern, x):
+    """rearrange(x, pattern) for a sequence; one decoding step has no time axis, so nothing to move."""
+    return rearrange(x, pattern) if x.dim() == 3 else x
 
 
 class RMSNorm(nn.Module):
@@ -226,13 +230,13 @@ class MambaMixer(nn.Module):
         The same for one decoding step: u (b, d_inner) gives B, C (b, n) and dt, A_scale (b, d_inner)."""
         s, f32 = self.selective, _compute_dtype(self.A_log.dtype)  # float32 (float64 in a float64 model)
         parts = {} if self.x_proj is None else dict(  # x_proj reads u time-major: (b, l, d_inner) -> (b, l, R + 2n)
-            zip(self.x_proj_parts, self.x_proj(rearrange(u, "b d ... -> b ... d")).split(self.split, dim=-1)))
+            zip(self.x_proj_parts, self.x_proj(_along_time("b d l -> b l d", u)).split(self.split, dim=-1)))
         A = -torch.exp(self.A_log.to(f32))
-        B = rearrange(parts["B"], "b ... n -> b n ...") if s["B"] else self.B
-        C = rearrange(parts["C"], "b ... n -> b n ...") if s["C"] else self.C
-        dt = rearrange(F.linear(parts["delta"], self.dt_proj.weight), "b ... d -> b d ...") if s["delta"] \
+        B = _along_time("b l n -> b n l", parts["B"]) if s["B"] else self.B
+        C = _along_time("b l n -> b n l", parts["C"]) if s["C"] else self.C
+        dt = _along_time("b l d -> b d l", F.linear(parts["delta"], self.dt_proj.weight)) if s["delta"] \
             else u.new_zeros(()).expand(u.shape)
-        A_scale = rearrange(F.softplus(self.A_proj(parts["A"]).to(f32)), "b ... d -> b d ...") if s["A"] else None
+        A_scale = _along_time("b l d -> b d l", F.softplus(self.A_proj(parts["A"]).to(f32))) if s["A"] else None
         return {"A": A, "B": B, "C": C, "dt": dt, "dt_bias": self._dt_bias().to(f32), "A_scale": A_scale}
 
     def forward(self, hidden, cache=None):
@@ -363,10 +367,8 @@ class MambaLM(nn.Module):
     def optim_groups(self, weight_decay):
         """AdamW parameter groups: weight decay on the mixers' Linear weight matrices (in_proj, x_proj, dt_proj,
         A_proj, out_proj) only. Not on A_log and D (official _no_weight_decay: decay would pull A towards -1 and the
-        skip towards 0), nor on the other SSM parameters of the ablations (fixed B, C, dt_bias, as S4 does), biases
-        and norm gains (scales/offsets, not interactions), the conv filters (d_conv numbers per
-        channel, a gain more than a matrix), nor the embedding / lm_head (a lookup table: a row gets gradient only
-        when its token occurs, while decay would shrink rare tokens' rows at every step)."""
+        skip towards 0), the ablations' fixed B, C, dt_bias (as S4), biases, norm gains, the conv filters (gains more
+        than matrices), nor the embedding (decay would shrink rare tokens' rows at every step)."""
         decayed = ("in_proj.weight", "x_proj.weight", "dt_proj.weight", "A_proj.weight", "out_proj.weight")
         named = list(self.named_parameters())  # shared tensors appear once, under their first name
         return [{"params": [p for name, p in named if name.endswith(decayed)], "weight_decay": weight_decay},

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from checkpoint import PretrainedError, read_checkpoint, resolve
 from cli import die
-from data import HFTokenizer, Tokenizer
 from model import MambaConfig, MambaLM, pretrained_config
+from tokenizer import HFTokenizer, Tokenizer
 
 TOKENIZER_STATE = "baby_mamba_tokenizer.json"  # a byte/char tokenizer's state, written by export
 

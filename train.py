@@ -48,8 +48,9 @@ from tqdm import tqdm
 from checkpoint import CKPT_FORMAT, model_fingerprint, read_checkpoint, save_checkpoint
 from cli import die, pick_device
 from config import BETA, NON_NEGATIVE, POSITIVE, check_fields, must, option, write_config
-from data import Batches, Tokenizer
+from data import Batches
 from tasks import IGNORE
+from tokenizer import Tokenizer
 
 INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT (128 + 2)
 

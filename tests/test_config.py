@@ -231,3 +231,11 @@ def test_a_warmup_longer_than_the_run_is_cut_to_it_with_a_note(tmp_path):
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=40, max_steps=3)
     from train import lr_at
     assert [lr_at(s, cfg) for s in range(4)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-4])
+
+
+def test_the_shipped_config_ini_is_the_schema_written_out():
+    """config.ini documents every key; it is config_text of the defaults, so a changed doc or default must be
+    written into it (below its header comment)."""
+    text = (ROOT / "config.ini").read_text(encoding="utf-8")
+    defaults = {section: cls() for section, cls in main.SECTIONS.items()}
+    assert text[text.index("[model]"):] == config.config_text(defaults).rstrip("\n") + "\n"

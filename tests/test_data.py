@@ -1,4 +1,4 @@
-"""data.py: tokenizers, sources (stdlib, file, folder, file:// URL), the token cache, get_batch."""
+"""data.py: sources (stdlib, file, folder, file:// URL), the token cache, get_batch and Batches."""
 
 from pathlib import Path
 
@@ -7,11 +7,7 @@ import pytest
 import torch
 
 import data
-import tasks
-from data import ByteTokenizer, CharTokenizer, DataConfig, TaskTokenizer, Tokenizer, get_batch, load_dataset
-
-UNICODE = ("plain ASCII, tabs\tand\r\nCRLF, NUL \x00, é vs e\u0301 (combining), Zoë, Ελληνικά, "
-           "中文字符, 日本語のかな, 한국어, emoji 😀👍🏽 and a family 👨‍👩‍👧, math 𝔸∑∫, RTL עברית")
+from data import DataConfig, get_batch, load_dataset
 
 
 def stream(ds) -> np.ndarray:
@@ -23,49 +19,6 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text.encode("utf-8"))
     return path
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-def test_byte_tokenizer_round_trips_any_unicode_exactly():
-    tok = ByteTokenizer()
-    ids = tok.encode(UNICODE)
-    assert ids == list(UNICODE.encode("utf-8"))  # the tokens are the UTF-8 bytes
-    assert tok.vocab_size == 256 and all(0 <= i < 256 for i in ids)
-    assert tok.decode(ids) == UNICODE
-    assert tok.decode(torch.tensor(ids)) == UNICODE
-
-
-def test_byte_decode_of_a_cut_character_does_not_crash():
-    cut = list("a😀".encode())[:3]  # 'a' and half of the emoji
-    assert ByteTokenizer().decode(cut) == "a\ufffd"
-
-
-def test_char_tokenizer_round_trip_and_unknown_character():
-    corpus = "hello, wörld 😀\n"
-    tok = CharTokenizer(corpus)
-    assert tok.chars == "".join(sorted(set(corpus)))
-    assert tok.vocab_size == len(set(corpus)) and tok.unit == "char"
-    ids = tok.encode("wörld, hello 😀")
-    assert ids == [tok.chars.index(c) for c in "wörld, hello 😀"]
-    assert tok.decode(ids) == "wörld, hello 😀"
-    with pytest.raises(ValueError, match=r"'Z' \(U\+005A\) is not in the char vocabulary"):
-        tok.encode("helloZ")
-
-
-@pytest.mark.parametrize("tok", [ByteTokenizer(), CharTokenizer("abc\u00e9")])
-def test_tokenizer_state_dict_survives_a_weights_only_checkpoint(tok, tmp_path):
-    torch.save({"tokenizer": tok.state_dict()}, tmp_path / "t.pt")
-    state = torch.load(tmp_path / "t.pt", weights_only=True)["tokenizer"]
-    back = Tokenizer.from_state_dict(state)
-    assert type(back) is type(tok) and back.vocab_size == tok.vocab_size
-    assert back.decode(back.encode("abcé")) == "abcé"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Sources and the cache
 
 
 def test_stdlib_corpus_is_deterministic_and_a_few_megabytes(tmp_path):
@@ -82,8 +35,8 @@ def test_stdlib_corpus_is_deterministic_and_a_few_megabytes(tmp_path):
     assert f"# os.py\n{os_source}" in text
 
 
-def test_text_file_split_is_the_tail(tmp_path):
-    text = UNICODE * 50
+def test_text_file_split_is_the_tail(tmp_path, unicode_text):
+    text = unicode_text * 50
     ds = load_dataset(DataConfig(source=str(write(tmp_path / "t.txt", text)),
                                  cache_dir=str(tmp_path / "c"), val_fraction=0.1))
     n = len(text.encode("utf-8"))
@@ -110,21 +63,21 @@ def test_char_tokenizer_dataset(tmp_path):
     assert ds.tokenizer.decode(stream(ds)) == text
 
 
-def test_large_file_is_encoded_in_pieces(tmp_path, monkeypatch):
+def test_large_file_is_encoded_in_pieces(tmp_path, monkeypatch, unicode_text):
     monkeypatch.setattr(data, "CHUNK_CHARS", 7)  # pieces far smaller than the file and the split
-    text = UNICODE * 3
+    text = unicode_text * 3
     path = write(tmp_path / "t.txt", text)
     for kind in ("byte", "char"):
         ds = load_dataset(DataConfig(source=str(path), tokenizer=kind, cache_dir=str(tmp_path / kind)))
         assert ds.tokenizer.decode(stream(ds)) == text
 
 
-def test_file_url_is_downloaded_once_and_cached(tmp_path):
-    source = write(tmp_path / "remote" / "input.txt", UNICODE)
+def test_file_url_is_downloaded_once_and_cached(tmp_path, unicode_text):
+    source = write(tmp_path / "remote" / "input.txt", unicode_text)
     cfg = DataConfig(source=source.as_uri(), cache_dir=str(tmp_path / "c"))
     first = stream(load_dataset(cfg))
-    assert bytes(first) == UNICODE.encode("utf-8")
-    assert [p.read_bytes() for p in (tmp_path / "c" / "downloads").iterdir()] == [UNICODE.encode()]
+    assert bytes(first) == unicode_text.encode("utf-8")
+    assert [p.read_bytes() for p in (tmp_path / "c" / "downloads").iterdir()] == [unicode_text.encode()]
     source.unlink()  # a second load must not fetch again
     assert np.array_equal(stream(load_dataset(cfg)), first)
 
@@ -223,30 +176,3 @@ def test_corpus_too_short_for_seq_len(tmp_path):
     ds = load_dataset(DataConfig(source=str(write(tmp_path / "t.txt", "x" * 40)), cache_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="fewer than seq_len"):
         get_batch(ds.val, 2, 8, torch.Generator())
-
-
-def test_task_tokenizer_round_trips_and_is_saved_in_checkpoints():
-    """The symbols of tasks.py's docstring, one per id, and the kinds of token look_inside.py groups by."""
-    for task in tasks.TASKS:
-        tok = TaskTokenizer(task, 16)
-        ids = list(range(16))
-        assert tok.encode(tok.decode(ids)) == ids and len(set(tok.decode(ids))) == 16
-        assert isinstance(Tokenizer.from_state_dict(tok.state_dict()), TaskTokenizer)
-    assert TaskTokenizer("selective_copying", 4).decode([0, 1, 2, 3]) == ".|ab"
-    assert TaskTokenizer("induction_heads", 4).decode([0, 1, 2, 3]) == "abc*"
-    with pytest.raises(ValueError, match="not a symbol"):
-        TaskTokenizer("induction_heads", 4).encode("abd")
-    sc = TaskTokenizer("selective_copying", 5)
-    assert [sc.token_class(i) for i in (tasks.NOISE, tasks.MARKER, 2, 4)] == ["noise", "marker", "data", "data"]
-    ih = TaskTokenizer("induction_heads", 5)
-    assert [ih.token_class(i) for i in (0, 3, tasks.trigger(5))] == ["ordinary", "ordinary", "trigger"]
-
-
-def test_byte_pieces_decode_utf8_incrementally_like_decoding_everything_at_once():
-    """What generate.py streams and look_inside.py labels tokens with."""
-    text = "aé✓😀 done"
-    data = list(text.encode("utf-8")) + [0xFF, 0xE2, 0x9C]  # then an invalid byte and a cut-off character
-    pieces = list(ByteTokenizer().decode_pieces(data))
-    assert "".join(pieces) == bytes(data).decode("utf-8", errors="replace")
-    assert pieces[:6] == ["a", "", "é", "", "", "✓"]  # a character appears with its last byte, never half
-    assert "\ufffd" not in "".join(pieces[:len(text.encode())])

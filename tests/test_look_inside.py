@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 import checkpoint
 import look_inside
-from data import ByteTokenizer
 from model import MambaConfig, MambaLM
 from pretrained import load_checkpoint
+from tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
@@ -147,8 +147,8 @@ def test_task_example_with_ablation_switches(tmp_path, capsys):
     """A Selective Copying checkpoint whose model has a fixed B and a selective A: the reported Δ and decay step
     are the scan's (Δ from its dt and bias, the decay step Δ·A_scale), and the data/noise ratio is the ratio of
     the mean Δ over the example's data tokens and noise tokens, recounted here from the token ids."""
-    from data import TaskTokenizer
     from tasks import selective_copying
+    from tokenizer import TaskTokenizer
 
     torch.manual_seed(0)
     config = MambaConfig(d_model=32, n_layer=2, vocab_size=16, selective_B=False, selective_A=True)

@@ -18,10 +18,11 @@ from transformers import MambaConfig as HFMambaConfig
 from transformers import MambaForCausalLM
 
 import main
-from data import Batches, DataConfig, HFTokenizer, load_dataset
+from data import Batches, DataConfig, load_dataset
 from model import MambaConfig, MambaLM
 from pretrained import PretrainedError, load_checkpoint, load_pretrained, read_config, read_tokenizer
 from runs import train_run
+from tokenizer import HFTokenizer
 from train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
