@@ -59,15 +59,31 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 
-def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, A_scale=None):
-    """Cast to the compute dtype (float32, float64 stays float64) and make Δ = softplus(Δ + bias)."""
+def _prepare(u, delta, A, B, C, delta_bias, delta_softplus, A_scale=None, initial_state=None):
+    """Cast to the compute dtype (float32, float64 stays float64) and make Δ = softplus(Δ + bias);
+    check that an initial state is one, (b, d, n)."""
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
     if delta_bias is not None:
         delta = delta + delta_bias.to(dtype)[..., None]
     if delta_softplus:
         delta = F.softplus(delta)
-    return u, delta, A, B, C, None if A_scale is None else A_scale.to(dtype)
+    if initial_state is not None:
+        expected = (u.shape[0], u.shape[1], A.shape[1])
+        if tuple(initial_state.shape) != expected:
+            raise ValueError(f"initial_state must be (b, d, n) = {expected}, the state these inputs update; "
+                             f"got {tuple(initial_state.shape)}")
+        initial_state = initial_state.to(dtype)
+    return u, delta, A, B, C, None if A_scale is None else A_scale.to(dtype), initial_state
+
+
+def _groups(B, C, d):
+    """G, the number of channel groups of B and C given as (b, G, n, l), as mamba_ssm's ref takes them
+    (G groups of d / G channels, each group with its own B_t, C_t); 1 when neither is grouped."""
+    G = {M.shape[1] for M in (B, C) if M.dim() == 4} or {1}
+    if len(G) > 1 or d % max(G):
+        raise ValueError(f"B and C of shape (b, G, n, l) need one G that divides d = {d}; got G = {sorted(G)}")
+    return G.pop()
 
 
 def _finish(y, u, D, z, out_dtype):
@@ -80,26 +96,32 @@ def _finish(y, u, D, z, out_dtype):
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, A_scale=None):
+                       return_last_state=False, A_scale=None, initial_state=None):
     """The sequential definition: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, y_t = <C_t, h_t> + D u_t.
 
-    u, delta, z: (b, d, l); A: (d, n), negative; B, C: (d, n) (time-invariant, S4-like) or
-    (b, n, l) (selective); D, delta_bias: (d,). Returns y (b, d, l) in u's dtype, and with
-    return_last_state also h_l (b, d, n) in the compute dtype.
-    A_scale (not in the official signature): None, or a positive (b, d, l) factor that makes A
-    input-dependent, A_t = A_scale_t A, so the decay is exp(Δ_t A_t) while the input term stays
-    Δ_t B_t u_t (the "selective A" of the paper's section 3.5.2; see model.py).
+    u, delta, z: (b, d, l); A: (d, n), negative; B, C: (d, n) (time-invariant, S4-like), (b, n, l)
+    (selective) or (b, G, n, l) (selective per group of d / G channels); D, delta_bias: (d,).
+    Returns y (b, d, l) in u's dtype, and with return_last_state also h_l (b, d, n) in the compute
+    dtype. Not in the official signature:
+    initial_state: None (zeros), or h_0 (b, d, n), the state before the first step, so that a
+    sequence can be scanned in pieces, each from the last state of the one before.
+    A_scale: None, or a positive (b, d, l) factor that makes A input-dependent, A_t = A_scale_t A,
+    so the decay is exp(Δ_t A_t) while the input term stays Δ_t B_t u_t (the "selective A" of the
+    paper's section 3.5.2; see model.py).
     """
     out_dtype = u.dtype
-    u, delta, A, B, C, A_scale = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, A_scale)
+    u, delta, A, B, C, A_scale, h = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, A_scale,
+                                             initial_state)
     b, d, l = u.shape
+    G = _groups(B, C, d)
+    B, C = (repeat(M, "b g n l -> b (g c) n l", c=d // G) if M.dim() == 4 else M for M in (B, C))
     # unbind gives every step a view whose gradients autograd gathers in one stack; indexing
     # x[:, :, t] instead would allocate a full-size gradient per step (quadratic backward).
     decay_step = delta if A_scale is None else delta * A_scale    # the Δ_t in exp(Δ_t A)
-    steps = zip(decay_step.unbind(-1), (delta * u).unbind(-1),
-                [B] * l if B.dim() == 2 else B[:, None].unbind(-1),
-                [C] * l if C.dim() == 2 else C[:, None].unbind(-1))
-    h = u.new_zeros(b, d, A.shape[1])
+    def per_step(M):                                     # -> l times (d, n), (b, 1, n) or (b, d, n)
+        return [M] * l if M.dim() == 2 else (M[:, None] if M.dim() == 3 else M).unbind(-1)
+    steps = zip(decay_step.unbind(-1), (delta * u).unbind(-1), per_step(B), per_step(C))
+    h = u.new_zeros(b, d, A.shape[1]) if h is None else h
     ys = []
     for step_t, x_t, B_t, C_t in steps:                  # x_t = Δ_t u_t, Euler's input term
         h = torch.exp(step_t[..., None] * A) * h + x_t[..., None] * B_t
@@ -117,8 +139,8 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
     y (b, d) in u's dtype).
     """
     out_dtype = u.dtype
-    u, delta, A, B, C, A_scale = _prepare(u[..., None], delta[..., None], A, B, C, delta_bias,
-                                          delta_softplus, A_scale)
+    u, delta, A, B, C, A_scale, _ = _prepare(u[..., None], delta[..., None], A, B, C, delta_bias,
+                                             delta_softplus, A_scale)
     u, delta = u[..., 0], delta[..., 0]
     B_t = B[:, None] if B.dim() == 2 else B
     C_t = C[:, None] if C.dim() == 2 else C
@@ -267,15 +289,15 @@ class _SelectiveScan(torch.autograd.Function):
     """y = <C_t, h_t> with h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, by the two-level chunked scan.
 
     Inputs already in the compute dtype, Δ already through softplus: u, delta (b, d, l);
-    A (d, n); B, C (b, n, l) or (d, n); A_scale (b, d, l) or None. Outputs y (b, d, l) and the
-    last state (b, d, n).
+    A (d, n); B, C (b, n, l) or (d, n); A_scale (b, d, l) or None; h0 (b, d, n) or None (zeros).
+    Outputs y (b, d, l) and the last state (b, d, n).
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, A_scale, keep):
+    def forward(ctx, u, delta, A, B, C, A_scale, h0, keep):
         b, d, l = u.shape
         n = A.shape[1]
-        T = _chunk_len(l, b * n * d, u.is_cuda)
+        T = _chunk_len(l, b * n * d, u.device.type != "cpu")
         u, dt, Bs, Cs = _chunk_inputs(u, delta, B, C, T)    # u, dt: (T, b, nc, 1, d)
         scale = None if A_scale is None else _to_chunks(A_scale, T)[..., None, :]
         step = dt if scale is None else dt * scale  # the step in exp(Δ_t A_scale_t A)
@@ -284,14 +306,15 @@ class _SelectiveScan(torch.autograd.Function):
         A2 = _log2_rate(A)
         dA = _decays(step, A2, nc)
 
+        first = None if h0 is None else rearrange(h0, "b d n -> b n d")     # what enters chunk 0
         if nc == 1:
-            starts = u.new_zeros(b, 1, n, d)
+            starts = u.new_zeros(b, 1, n, d) if first is None else first[:, None]
         else:
             h = u.new_zeros(b, nc, n, d)            # 1. each chunk from a zero state
             for t in range(T):
                 h.mul_(dA[t]).addcmul_(x[t], Bs[t])
             decay = torch.exp2(step.sum(0) * A2)    # exp(A ΣΔ): the product of a chunk's exp(Δ_t A)
-            starts = _chain(h, decay, None)                                    # 2. chain them
+            starts = _chain(h, decay, first)                                   # 2. chain them
 
         # 3. scan every chunk from its true start, emitting y. For backward keep every state
         # (one slab per step, as the decays): recomputing them there would cost a pass as long as
@@ -355,23 +378,47 @@ class _SelectiveScan(torch.autograd.Function):
 
         def unchunk(gS, selective):                 # a per-step slab gradient -> B's or C's shape
             return _from_chunks(gS[..., 0], l) if selective else gS.sum((0, 1, 2)).t()
+        # what flowed back past the first step is dL/dh_0: λ_0 exp(Δ_0 A), left in chunk 0's adjoint
+        g_h0 = rearrange(lam[:, 0], "b n d -> b d n") if ctx.needs_input_grad[6] else None
         return (_from_chunks((g_x * dt)[..., 0, :], l), _from_chunks(g_dt[..., 0, :], l),
-                g_A.sum((0, 1)).t(), unchunk(g_B, sel_B), unchunk(g_C, sel_C), g_scale, None)
+                g_A.sum((0, 1)).t(), unchunk(g_B, sel_B), unchunk(g_C, sel_C), g_scale, g_h0, None)
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                      return_last_state=False, A_scale=None):
+                      return_last_state=False, A_scale=None, initial_state=None):
     """The fast selective scan: same signature and results as selective_scan_ref.
 
-    Pure PyTorch, differentiable, CPU or CUDA, any length. Runs in float32 (float64 stays
-    float64) with autocast off, because exp(Δ A) products lose too much in bfloat16.
+    Pure PyTorch, differentiable (initial_state included), CPU or GPU, any length. Runs in float32
+    (float64 stays float64) with autocast off, because exp(Δ A) products lose too much in bfloat16.
     """
+    G = _groups(B, C, u.shape[1])
+    if G > 1:  # each group of d / G channels is a scan of its own, with its own B and C
+        return _scan_by_group(G, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                              A_scale, initial_state)
+    B, C = (M[:, 0] if M.dim() == 4 else M for M in (B, C))  # one group: (b, 1, n, l) is (b, n, l)
     out_dtype = u.dtype
     with torch.autocast(device_type=u.device.type, enabled=False):
-        u, delta, A, B, C, A_scale = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, A_scale)
+        u, delta, A, B, C, A_scale, h0 = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, A_scale,
+                                                  initial_state)
         # keep the states for backward only when there will be one
         keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                               for t in (u, delta, A, B, C, A_scale))
-        y, last = _SelectiveScan.apply(u, delta, A, B, C, A_scale, keep)
+                                               for t in (u, delta, A, B, C, A_scale, h0))
+        y, last = _SelectiveScan.apply(u, delta, A, B, C, A_scale, h0, keep)
         y = _finish(y, u, D, z, out_dtype)
+    return (y, last) if return_last_state else y
+
+
+def _scan_by_group(G, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, A_scale,
+                   initial_state):
+    """selective_scan_fn over G channel groups, one call each: B and C (b, G, n, l) give group g its
+    own (b, n, l); every per-channel input is cut along d; the outputs are put back together."""
+    def part(x, g, along):                         # group g's share of x, cut along dimension `along`
+        return None if x is None else x.chunk(G, dim=along)[g]
+
+    def shared(M, g):                              # B or C for group g
+        return M[:, g] if M.dim() == 4 else part(M, g, 0) if M.dim() == 2 else M
+    outs = [selective_scan_fn(part(u, g, 1), part(delta, g, 1), part(A, g, 0), shared(B, g), shared(C, g),
+                              part(D, g, 0), part(z, g, 1), part(delta_bias, g, 0), delta_softplus, True,
+                              part(A_scale, g, 1), part(initial_state, g, 1)) for g in range(G)]
+    y, last = (torch.cat(parts, dim=1) for parts in zip(*outs))
     return (y, last) if return_last_state else y

@@ -16,21 +16,25 @@ LAYOUTS = [(False, False), (True, True), (True, False), (False, True)]  # (B sel
 LAYOUT_IDS = ["BC-fixed", "BC-sel", "B-sel-C-fixed", "B-fixed-C-sel"]
 
 
-def truth(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, A_scale=None):
+def truth(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, A_scale=None,
+          initial_state=None):
     """The recurrence as written in the paper, in float64, one timestep at a time. Returns y (b, d, l), h_l.
-    With A_scale (b, d, l), A is input-dependent: A_t = A_scale_t A in the decay exp(Δ_t A_t) only."""
+    With A_scale (b, d, l), A is input-dependent: A_t = A_scale_t A in the decay exp(Δ_t A_t) only.
+    initial_state (b, d, n): h_0, the state before the first step (zeros when None). B or C (b, G, n, l):
+    channel c reads group c // (d / G)'s."""
     u, delta, A, B, C = (x.detach().double() for x in (u, delta, A, B, C))
+    B, C = (M.repeat_interleave(u.shape[1] // M.shape[1], dim=1) if M.dim() == 4 else M for M in (B, C))
     A_scale = torch.ones_like(u) if A_scale is None else A_scale.detach().double()
     if delta_bias is not None:
         delta = delta + delta_bias.detach().double()[:, None]
     if delta_softplus:
         delta = torch.log1p(torch.exp(delta))
     b, d, l = u.shape
-    h = torch.zeros(b, d, A.shape[1], dtype=torch.float64)
+    h = torch.zeros(b, d, A.shape[1], dtype=torch.float64) if initial_state is None else initial_state.detach().double()
     y = torch.zeros(b, d, l, dtype=torch.float64)
     for t in range(l):
-        B_t = B if B.dim() == 2 else B[:, None, :, t]           # (d, n) or (b, 1, n)
-        C_t = C if C.dim() == 2 else C[:, None, :, t]
+        # (d, n), (b, 1, n), or per channel (b, d, n)
+        B_t, C_t = (M if M.dim() == 2 else M[:, None, :, t] if M.dim() == 3 else M[..., t] for M in (B, C))
         dt = delta[:, :, t, None]                               # (b, d, 1)
         A_t = A * A_scale[:, :, t, None]                         # (b, d, n)
         h = torch.exp(dt * A_t) * h + dt * B_t * u[:, :, t, None]
