@@ -23,8 +23,8 @@ import time
 import torch
 
 from cli import die, pick_device, read_text
-from model import check_sampling
 from pretrained import load_model
+from sampling import check_sampling
 
 SEPARATOR = "\n" + "-" * 40 + "\n"  # printed between samples
 

@@ -28,8 +28,10 @@ from einops import rearrange
 
 import checkpoint
 from config import NON_NEGATIVE, POSITIVE, check_fields, must, option
+from sampling import Generation, check_left_padding
 from selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update
 
+PREFILL_CHUNK = 2048  # tokens a prefill reads at a time: its memory is that of a chunk, whatever the prompt
 DT_RANK = (lambda v: v == "auto" or (isinstance(v, int) and v > 0), 'a positive integer or "auto"')
 
 
@@ -239,20 +241,31 @@ class MambaMixer(nn.Module):
         A_scale = _along_time("b l d -> b d l", F.softplus(self.A_proj(parts["A"]).to(f32))) if s["A"] else None
         return {"A": A, "B": B, "C": C, "dt": dt, "dt_bias": self._dt_bias().to(f32), "A_scale": A_scale}
 
-    def forward(self, hidden, cache=None):
-        """hidden (b, l, d_model) -> (b, l, d_model). With cache = (conv_state, ssm_state) (prefill), leaves there
-        the last d_conv conv inputs (b, d_inner, d_conv) and the state after the last position h_l (b, d_inner, n)."""
+    def forward(self, hidden, cache=None, mask=None):
+        """hidden (b, l, d_model) -> (b, l, d_model). With cache = (conv_state, ssm_state), continues from them (the
+        last d_conv conv inputs (b, d_inner, d_conv) and the state h_0 (b, d_inner, n)) and leaves there those after
+        the last position, so a sequence read in pieces gives what one pass gives. mask (b, l): 1 on tokens, 0 on
+        left padding, which never enters the conv window or the state."""
         l = hidden.shape[1]
         x, z = rearrange(self.in_proj(hidden), "b l (two d) -> two b d l", two=2)     # (b, d_inner, l) each
-        if cache is not None:
+        keep = None if mask is None else mask[:, None, :].to(x.dtype)                # (b, 1, l)
+        if keep is not None:
+            x = x * keep  # padding as zeros: what the conv window holds before a sequence's first token
+        if cache is None:
+            # padding = d_conv - 1 on both sides; the first l outputs only see the past: the conv is causal.
+            u = self.act(self.conv1d(x)[..., :l])                                   # (b, d_inner, l)
+        else:
             conv_state, ssm_state = cache
-            # The window the next step's conv needs, left-padded with zeros when l < d_conv (F.pad crops otherwise).
-            conv_state.copy_(F.pad(x, (self.d_conv - l, 0)))
-        # padding = d_conv - 1 on both sides; the first l outputs only see the past: the conv is causal.
-        u = self.act(self.conv1d(x)[..., :l])                                       # (b, d_inner, l)
+            window = torch.cat((conv_state[..., 1:].to(x.dtype), x), dim=-1)       # the d_conv - 1 inputs before x
+            conv_state.copy_(window[..., -self.d_conv:])
+            u = self.act(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
         p = self.ssm_params(u)
-        y = self.scan(u, p["dt"], p["A"], p["B"], p["C"], self.D.float(), z=z, delta_bias=p["dt_bias"],
-                      delta_softplus=True, return_last_state=cache is not None, A_scale=p["A_scale"])
+        dt, dt_bias = p["dt"], p["dt_bias"]
+        if keep is not None:  # Δ = 0 on padding: exp(0 A) = 1 and no input, the state passes through unchanged
+            dt, dt_bias = F.softplus(dt.to(dt_bias.dtype) + dt_bias[:, None]) * keep, None
+        y = self.scan(u, dt, p["A"], p["B"], p["C"], self.D.float(), z=z, delta_bias=dt_bias,
+                      delta_softplus=keep is None, return_last_state=cache is not None, A_scale=p["A_scale"],
+                      initial_state=None if cache is None else cache[1])
         if cache is not None:
             y, last_state = y
             ssm_state.copy_(last_state)
@@ -285,9 +298,9 @@ class Block(nn.Module):
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.mixer = MambaMixer(config)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, mask=None):
         """x (b, l, d_model) -> (b, l, d_model)."""
-        return x + self.mixer(self.norm(x), cache)
+        return x + self.mixer(self.norm(x), cache, mask)
 
     def step(self, x, conv_state, ssm_state):
         """x (b, d_model) -> (b, d_model), one token."""
@@ -310,11 +323,11 @@ class MambaBackbone(nn.Module):
         x = self.embedding(ids)
         return x.to(_compute_dtype(x.dtype))
 
-    def forward(self, input_ids, cache=None):
-        """input_ids (b, l) -> hidden (b, l, d_model); with a cache (list per layer), fills it (prefill)."""
+    def forward(self, input_ids, cache=None, mask=None):
+        """input_ids (b, l) -> hidden (b, l, d_model); with a cache (list per layer), continues from it."""
         x = self._embed(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, None if cache is None else cache[i])
+            x = layer(x, None if cache is None else cache[i], mask)
         return self.norm_f(x)
 
     def step(self, token_ids, cache):
@@ -325,7 +338,7 @@ class MambaBackbone(nn.Module):
         return self.norm_f(x)
 
 
-class MambaLM(nn.Module):
+class MambaLM(Generation, nn.Module):
     """Mamba language model: backbone then lm_head. Logits cover padded_vocab_size ids; the padding ids are never
     targets (training pushes them down) and never sampled."""
 
@@ -338,9 +351,10 @@ class MambaLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
 
-    def forward(self, input_ids):
-        """input_ids (b, l) int64 -> logits (b, l, padded_vocab_size)."""
-        return self.lm_head(self.backbone(input_ids))
+    def forward(self, input_ids, cache=None, attention_mask=None):
+        """input_ids (b, l) int64 -> logits (b, l, padded_vocab_size); with a cache (allocate_cache), continues from
+        the state it holds and leaves the state after the last token there."""
+        return self.lm_head(self.backbone(input_ids, cache, attention_mask))
 
     @classmethod
     def from_pretrained(cls, path) -> "MambaLM":
@@ -387,64 +401,24 @@ class MambaLM(nn.Module):
                 for _ in range(c.n_layer)]
 
     @torch.inference_mode()
-    def prefill(self, input_ids, cache):
-        """Runs the (parallel) scan over the prompt input_ids (b, l), l >= 1, starting from an empty state whatever
-        the cache holds; fills the cache and returns the logits of the last position (b, padded_vocab_size)."""
+    def prefill(self, input_ids, cache, attention_mask=None, chunk_size=PREFILL_CHUNK):
+        """Reads input_ids (b, l), l >= 1, by the parallel scan, continuing from what the cache holds (a fresh one:
+        from the start) and chunk_size tokens at a time, so that memory does not grow with l; leaves the state
+        after the last token in the cache and returns that token's logits (b, padded_vocab_size). One token is
+        one step. attention_mask (b, l): left padding (sampling.py)."""
         if input_ids.shape[1] == 0:
             raise ValueError("prefill needs at least one token; for an empty prompt, step from a fresh cache")
-        return self.lm_head(self.backbone(input_ids, cache)[:, -1])
+        if attention_mask is not None:
+            check_left_padding(attention_mask, input_ids)
+        if input_ids.shape[1] == 1 and (attention_mask is None or attention_mask.all()):
+            return self.step(input_ids[:, 0], cache)  # what the token would cost after a prefill: the same numbers
+        for start in range(0, input_ids.shape[1], chunk_size):
+            piece = slice(start, start + chunk_size)
+            mask = None if attention_mask is None else attention_mask[:, piece]
+            hidden = self.backbone(input_ids[:, piece], cache, mask)
+        return self.lm_head(hidden[:, -1])
 
     @torch.inference_mode()
     def step(self, token_ids, cache):
         """token_ids (b,) -> logits (b, padded_vocab_size) of the next token; updates the cache in place."""
         return self.lm_head(self.backbone.step(token_ids, cache))
-
-    @torch.inference_mode()
-    def stream(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-        """Yields max_new_tokens next-token ids (b,), one at a time, continuing input_ids (b, l), l >= 1."""
-        check_sampling(temperature, top_k, top_p)
-        if max_new_tokens <= 0:
-            return
-        cache = self.allocate_cache(input_ids.shape[0], device=input_ids.device)
-        logits = self.prefill(input_ids, cache)
-        for i in range(max_new_tokens):
-            token = sample_next_token(logits[:, :self.config.vocab_size], temperature, top_k, top_p, generator)
-            yield token
-            if i + 1 < max_new_tokens:
-                logits = self.step(token, cache)
-
-    @torch.inference_mode()
-    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-        """input_ids (b, l) -> (b, l + max_new_tokens): the prompt followed by the tokens of stream()."""
-        new = self.stream(input_ids, max_new_tokens, temperature, top_k, top_p, generator)
-        return torch.cat([input_ids, *(token[:, None] for token in new)], dim=1)
-
-
-def check_sampling(temperature, top_k, top_p):
-    """A ValueError naming the first sampling setting that is impossible (top_k and top_p may be None)."""
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    if top_k is not None and not top_k >= 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-
-
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (b, v) -> token ids (b,). temperature 0 is greedy (argmax); top_k keeps the k most likely ids;
-    top_p keeps the smallest set of most likely ids whose probability reaches top_p (nucleus sampling)."""
-    check_sampling(temperature, top_k, top_p)
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth_largest = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop an id once the more likely ones already reach top_p; the most likely id is always kept.
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
-        drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

@@ -1,5 +1,5 @@
-"""Tests of model.py: causality, recurrent decoding, generation, parameter count, agreement with transformers'
-independent Mamba, initialisation statistics, optimiser groups and config validation. CPU, a few seconds."""
+"""Tests of model.py: causality, recurrent decoding (prefill continuing the cache), parameter count, agreement
+with transformers' independent Mamba, initialisation statistics, optimiser groups and config validation."""
 import dataclasses
 import importlib.util
 import math
@@ -9,20 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MambaConfig, MambaLM, param_count, sample_next_token
-
-VOCAB = 50  # padded to 56 by the default multiple of 8: the padding ids must never be sampled
-
-
-def small_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    kwargs = dict(d_model=32, n_layer=2, vocab_size=VOCAB, d_state=8, d_conv=4) | overrides
-    return MambaLM(MambaConfig(**kwargs)).eval()
-
-
-def random_ids(b, l, seed=1):
-    return torch.randint(0, VOCAB, (b, l), generator=torch.Generator().manual_seed(seed))
-
+from model import MambaConfig, MambaLM, param_count
+from models import VOCAB, random_ids, small_model
 
 # ---- causality and recurrent decoding ------------------------------------------------------------------------
 
@@ -71,11 +59,48 @@ def test_steps_from_an_empty_cache_reproduce_forward():
         model.prefill(ids[:, :0], cache)
 
 
-def test_prefill_overwrites_a_used_cache():
-    model, ids = small_model(), random_ids(2, 10)
-    cache = model.allocate_cache(2)
-    model.prefill(random_ids(2, 7, seed=5), cache)
-    torch.testing.assert_close(model.prefill(ids, cache), model.prefill(ids, model.allocate_cache(2)))
+@pytest.mark.parametrize("chunks", [[1, 9], [3, 4, 3], [2, 8], [10]], ids=["1+9", "3+4+3", "2+8", "10"])
+def test_prefill_in_pieces_continues_the_cache(chunks):
+    """Full forward == prefill in pieces (the first shorter than d_conv = 4 included) == steps: the conv window
+    and the state carry over from one piece to the next."""
+    model, ids = small_model(), random_ids(2, sum(chunks))
+    with torch.no_grad():
+        full = model(ids)
+    cache, start = model.allocate_cache(2), 0
+    for n in chunks:
+        last = model.prefill(ids[:, start:start + n], cache)
+        torch.testing.assert_close(last, full[:, start + n - 1], rtol=0, atol=1e-4)
+        start += n
+    stepped = model.allocate_cache(2)
+    for t in range(ids.shape[1]):
+        model.step(ids[:, t], stepped)
+    for (conv_a, ssm_a), (conv_b, ssm_b) in zip(cache, stepped):
+        torch.testing.assert_close(conv_a, conv_b, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ssm_a, ssm_b, rtol=0, atol=1e-4)
+
+
+def test_forward_with_a_cache_gives_every_logit_of_a_continued_sequence():
+    model, ids = small_model(), random_ids(3, 30)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.allocate_cache(3)
+        model(ids[:, :11], cache=cache)
+        torch.testing.assert_close(model(ids[:, 11:], cache=cache), full[:, 11:], rtol=0, atol=1e-4)
+
+
+def test_a_long_prompt_is_read_in_chunks_of_bounded_size(monkeypatch):
+    """prefill cuts the prompt into PREFILL_CHUNK-token pieces (made 16 here): the same logits as one pass."""
+    import model as model_module
+    model, ids = small_model(), random_ids(2, 100)
+    with torch.no_grad():
+        full = model(ids)
+    seen = []
+    forward = model.backbone.forward
+    monkeypatch.setattr(model.backbone, "forward", lambda x, *a: seen.append(x.shape[1]) or forward(x, *a))
+    last = model.prefill(ids, model.allocate_cache(2), chunk_size=16)
+    assert seen == [16] * 6 + [4]
+    torch.testing.assert_close(last, full[:, -1], rtol=0, atol=1e-4)
+    assert model_module.PREFILL_CHUNK >= 1024
 
 
 def test_bfloat16_model_decodes_like_its_forward():
@@ -96,64 +121,6 @@ def test_backward_reaches_every_parameter():
     F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-
-
-# ---- generation ---------------------------------------------------------------------------------------------
-
-def greedy_by_full_forward(model, ids, n):
-    for _ in range(n):
-        with torch.no_grad():
-            next_id = model(ids)[:, -1, :VOCAB].argmax(dim=-1)
-        ids = torch.cat([ids, next_id[:, None]], dim=1)
-    return ids
-
-
-def test_greedy_generation_equals_argmax_of_full_forward():
-    model, prompt = small_model(seed=3), random_ids(2, 5)
-    out = model.generate(prompt, 12, temperature=0)
-    assert out.shape == (2, 17) and torch.equal(out[:, :5], prompt)
-    assert torch.equal(out, greedy_by_full_forward(model, prompt, 12))
-
-
-def test_sampling_is_reproducible_and_top_k_1_or_tiny_top_p_is_greedy():
-    model, prompt = small_model(seed=3), random_ids(2, 5)
-    greedy = model.generate(prompt, 10, temperature=0)
-
-    def sample(seed, **kw):
-        return model.generate(prompt, 10, temperature=1.5, generator=torch.Generator().manual_seed(seed), **kw)
-
-    assert torch.equal(sample(7), sample(7))
-    assert not torch.equal(sample(7), sample(8))
-    assert torch.equal(sample(7, top_k=1), greedy)
-    assert torch.equal(sample(7, top_p=1e-9), greedy)
-    assert torch.equal(model.generate(prompt, 0), prompt)
-    streamed = list(model.stream(prompt, 4, temperature=0))
-    assert len(streamed) == 4 and torch.equal(torch.stack(streamed, dim=1), greedy[:, 5:9])
-
-
-def test_padding_ids_are_never_generated():
-    model = small_model(tie_embeddings=False)
-    with torch.no_grad():
-        model.lm_head.weight[VOCAB:] = 100.0  # the padding rows would win every argmax if they were allowed
-    prompt = random_ids(4, 3)
-    assert model.generate(prompt, 8, temperature=0).max() < VOCAB
-    assert model.generate(prompt, 8, temperature=3.0, generator=torch.Generator().manual_seed(0)).max() < VOCAB
-
-
-def test_top_k_and_top_p_keep_the_right_support():
-    probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
-    logits, g = probs.log().expand(4000, -1), torch.Generator().manual_seed(0)
-    counts = lambda ids: torch.bincount(ids, minlength=5)  # noqa: E731
-    assert set(counts(sample_next_token(logits, top_k=2, generator=g)).nonzero().flatten().tolist()) == {1, 3}
-    # Nucleus: 0.4 + 0.3 = 0.7 < 0.75, so the third most likely (index 4, 0.15) is needed too.
-    by_top_p = counts(sample_next_token(logits, top_p=0.75, generator=g))
-    assert set(by_top_p.nonzero().flatten().tolist()) == {1, 3, 4}
-    torch.testing.assert_close(by_top_p[[1, 3, 4]] / 4000, torch.tensor([0.4, 0.3, 0.15]) / 0.85, atol=0.03, rtol=0)
-    plain = counts(sample_next_token(logits, generator=g)) / 4000
-    torch.testing.assert_close(plain, probs[0], atol=0.03, rtol=0)
-    for bad in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
-        with pytest.raises(ValueError):
-            sample_next_token(logits, **bad)
 
 
 # ---- parameters -----------------------------------------------------------------------------------------------
