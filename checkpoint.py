@@ -35,6 +35,7 @@ import torch
 from cli import die
 
 CKPT_FORMAT = "baby_mamba/1"  # marks a file as ours; bump when the checkpoint layout changes
+STATE_FORMAT = "baby_mamba/state-1"  # an inference state (generate.py --save-state)
 HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # org/name on the Hugging Face hub
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")  # looked for in this order, as transformers does
@@ -69,17 +70,22 @@ def save_checkpoint(ckpt: dict, path) -> None:
         os.close(dir_fd)
 
 
+def _read(path, marker: str, what: str, hint: str) -> dict:
+    """The dict a file of ours holds (tensors on the CPU), or exit with one line saying why not."""
+    if not Path(path).is_file():
+        die(f"{path}: no such {what} file; {hint}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or holds objects other than tensors and containers
+        die(f"{path} is not a readable {what} ({_load_error(e)}); {hint}")
+    if not isinstance(data, dict) or data.get("format") != marker:
+        die(f"{path} is not a baby_mamba {what} (no format = {marker!r}); {hint}")
+    return data
+
+
 def read_checkpoint(path) -> dict:
     """The checkpoint dict at ``path`` (tensors on the CPU), or exit with one line saying why not."""
-    hint = "pass the path to a file written by main.py"
-    if not Path(path).is_file():
-        die(f"{path}: no such checkpoint file; {hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or holds objects other than tensors and containers
-        die(f"{path} is not a readable checkpoint ({_load_error(e)}); {hint}")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        die(f"{path} is not a baby_mamba checkpoint (no format = {CKPT_FORMAT!r}); {hint}")
+    ckpt = _read(path, CKPT_FORMAT, "checkpoint", "pass the path to a file written by main.py")
     # Files written before init_from moved from [model] to [training], and with their unused keys, still load.
     config = ckpt.get("config", {})
     if "init_from" in config.get("model", {}):
@@ -88,6 +94,27 @@ def read_checkpoint(path) -> dict:
         ckpt.pop(unused, None)
     ckpt.get("metrics", {}).pop("best_val_loss", None)
     return ckpt
+
+
+def save_state(path, config: dict, cache: list, tokens, attention_mask, generator_state) -> None:
+    """An inference state (generate.py --save-state), atomically: what the model has read (its cache, which has
+    read every token but the last), the tokens so far (b, T) with their mask, the sampler's generator, and the
+    model's config, so that it is never continued with another model."""
+    save_checkpoint({"format": STATE_FORMAT, "config": config, "tokens": tokens.cpu(),
+                     "attention_mask": attention_mask.cpu(), "generator": generator_state,
+                     "cache": [[conv.cpu(), ssm.cpu()] for conv, ssm in cache]}, path)
+
+
+def read_state(path, config: dict, device) -> dict:
+    """The state save_state wrote, on ``device``; exits with one line when it is not one or another model's."""
+    state = _read(path, STATE_FORMAT, "state", "pass a file written by generate.py --save-state")
+    theirs = state["config"]
+    for key, value in config.items():
+        if theirs.get(key) != value:
+            die(f"{path} was written by another model ([model] {key} = {theirs.get(key)} there, {value} here)")
+    state["cache"] = [(conv.to(device), ssm.to(device)) for conv, ssm in state["cache"]]
+    state["tokens"], state["attention_mask"] = state["tokens"].to(device), state["attention_mask"].to(device)
+    return state
 
 
 def _load_error(e: Exception) -> str:

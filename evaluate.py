@@ -5,8 +5,8 @@
 
 A checkpoint trained on a synthetic task (tasks.py, configs/induction_heads.ini, ...) is scored on fresh
 examples of the same task at every length given: the accuracy over the answer tokens (argmax). Each sequence
-is prefilled with the parallel scan (at most 2^16 tokens over the batch), then fed one token at a time through
-the recurrent step, so memory stays constant however long it is.
+is read by chunked prefill (the parallel scan over at most 2^16 tokens of the batch at a time, carried from chunk
+to chunk through the recurrent state), so memory stays constant however long it is.
 """
 import argparse
 import json
@@ -19,26 +19,21 @@ from cli import die, int_list
 from pretrained import load_checkpoint
 from tasks import IGNORE, check, make_batch
 
-PREFILL_TOKENS = 2**16  # batch * length scanned in parallel before switching to the recurrent step
+PREFILL_TOKENS = 2**16  # batch * length of one prefill chunk
 
 
 @torch.inference_mode()
 def answer_logits(model, x, scored):
-    """Logits (b, len(scored), vocab) at the positions ``scored`` (sorted) of x (b, l), computed by prefilling
-    at most PREFILL_TOKENS // b tokens with the parallel scan and stepping the recurrence through the rest:
-    memory does not grow with l beyond the inputs. Equal to model(x)[:, scored] (tests/test_evaluate.py)."""
+    """Logits (b, len(scored), vocab) at the positions ``scored`` (sorted) of x (b, l). The tokens before the first
+    scored one are read by chunked prefill (at most PREFILL_TOKENS over the batch at a time, carried through the
+    state), the rest by one forward from that state, whose logits are kept at the scored positions: memory does
+    not grow with l beyond the inputs. Equal to model(x)[:, scored] (tests/test_evaluate.py)."""
     first = scored[0]
     if first == 0:
         raise ValueError("position 0 cannot be scored after a prefill")
     cache = model.allocate_cache(x.shape[0], device=x.device)
-    p = min(first, max(1, PREFILL_TOKENS // x.shape[0]))
-    logits, out = model.prefill(x[:, :p], cache), []
-    wanted = set(scored)
-    for t in range(p, x.shape[1]):
-        logits = model.step(x[:, t], cache)
-        if t in wanted:
-            out.append(logits)
-    return torch.stack(out, dim=1)
+    model.prefill(x[:, :first], cache, chunk_size=max(1, PREFILL_TOKENS // x.shape[0]))
+    return model(x[:, first:], cache=cache)[:, [t - first for t in scored]]
 
 
 def accuracy_at(model, task, vocab_size, n_tokens, seq_len, examples, batch_size=256, seed=0):

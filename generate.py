@@ -1,27 +1,36 @@
 """Sample text from a trained checkpoint:
 
     python generate.py --ckpt out/ckpt.pt --prompt "def " --max-new-tokens 300 --seed 1
+    python generate.py --ckpt out/ckpt.pt --prompt "def " --prompt "class " --num-samples 4   # 8 rows, one batch
+    python generate.py --ckpt out/ckpt.pt --prompt-file prompts.txt --save-state story.pt    # one prompt a line
+    python generate.py --ckpt out/ckpt.pt --resume-state story.pt --max-new-tokens 200      # ... and go on
     python generate.py --pretrained state-spaces/mamba-130m-hf --prompt "Mamba is" --top-k 40
 
 --pretrained takes a directory in the original or the Hugging Face layout, or a hub name (see
 pretrained.py), and its tokenizer.json (through the ``tokenizers`` package) instead of the byte tokenizer.
 
-The prompt is read by one parallel scan (``model.prefill``), then every new token costs one
-recurrent step (``model.step``: the convolution window and the SSM state h_t are the whole memory),
-so the time per token stays the same however long the text grows. Text is printed as it is
-sampled; with the byte tokenizer, bytes are decoded incrementally, so a character spread over
-several UTF-8 bytes appears once its last byte arrives. The same seed gives the same text.
+Every prompt (--prompt, repeatable, and the lines of --prompt-file) is sampled --num-samples times, all
+rows in one batch: prompts of different lengths are left-padded with an attention mask, which keeps the
+padding out of the state, so each row continues as its prompt would alone. The prompts are read by the
+parallel scan (``model.prefill``), then every new token costs one recurrent step (``model.step``: the
+convolution window and the SSM state h_t are the whole memory), so the time per token stays the same
+however long the text grows. One row is printed as it is sampled (a character spread over several
+tokens appears once it is whole), several when they are done. The same seed gives the same text.
+--save-state writes that memory, the tokens so far and the sampler's generator to a file (it loads
+with weights_only=True); --resume-state continues from it exactly as if the run had never stopped.
 
-Exit status: 0 done; 2 bad input (missing or unreadable checkpoint or pretrained directory, empty
-prompt, a character the char tokenizer does not know, an impossible sampling setting), reported in
-one line on stderr.
+Exit status: 0 done; 2 bad input (missing or unreadable checkpoint, pretrained directory or state file, a
+state written by another model, empty prompt, a character the char tokenizer does not know, an impossible
+sampling setting), reported in one line on stderr.
 """
 import argparse
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 
+from checkpoint import read_state, save_state
 from cli import die, pick_device, read_text
 from pretrained import load_model
 from sampling import check_sampling
@@ -34,25 +43,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by main.py (default: out/ckpt.pt)")
     weights.add_argument("--pretrained", metavar="DIR_OR_NAME",
-                       help="a published Mamba instead: a local directory or a hub name such as "
-                            "state-spaces/mamba-130m-hf, with its tokenizer.json")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+                         help="a published Mamba instead: a local directory or a hub name such as "
+                              "state-spaces/mamba-130m-hf, with its tokenizer.json")
+    parser.add_argument("--prompt", action="append", help="text to continue (repeatable; default: a newline)")
+    parser.add_argument("--prompt-file", help="a UTF-8 file of prompts, one a line (blank lines skipped)")
     parser.add_argument("--max-new-tokens", type=int, default=500, help="tokens to sample per sample (default: 500)")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="divide the logits by this; 0 = always the most likely token (default: 0.8)")
     parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
     parser.add_argument("--top-p", type=float, help="sample among the most likely tokens whose probability reaches p")
     parser.add_argument("--seed", type=int, default=1337, help="random seed: same seed, same text (default: 1337)")
-    parser.add_argument("--num-samples", type=int, default=1, help="independent samples to draw (default: 1)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: CUDA when available, else CPU")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt, in one batch (default: 1)")
+    parser.add_argument("--save-state", metavar="FILE", help="afterwards, write the state to continue from to FILE")
+    parser.add_argument("--resume-state", metavar="FILE",
+                        help="continue the generation that --save-state wrote to FILE (no prompts then)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                        help="auto: CUDA, else Apple's MPS, else the CPU")
     return parser.parse_args(argv)
 
 
 def check_args(args) -> None:
-    """One-line errors for settings argparse cannot judge alone (the sampling ones as model.py judges them)."""
+    """One-line errors for settings argparse cannot judge alone (the sampling ones as sampling.py judges them)."""
     try:
         check_sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as e:  # "top_k must be >= 1, got 0" -> "--top-k must be ..."
@@ -61,39 +72,78 @@ def check_args(args) -> None:
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--num-samples", args.num_samples)):
         if value < 1:
             die(f"{flag} must be >= 1, got {value}")
+    if args.resume_state and (args.prompt or args.prompt_file or args.num_samples != 1):
+        die("--resume-state continues the rows it holds: give no --prompt, --prompt-file or --num-samples")
+
+
+def encode_prompts(args, tokenizer, device):
+    """(prompts as text, ids (b, l) with each prompt --num-samples times, left-padded, attention mask (b, l))."""
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts += [line for line in read_text(args.prompt_file, "--prompt-file").splitlines() if line]
+    prompts = prompts or ["\n"]
+    rows = []
+    for prompt in prompts:
+        try:
+            ids = tokenizer.encode(prompt)
+        except ValueError as e:  # a character the char tokenizer never saw
+            die(f"prompt: {e}")
+        if not ids:
+            die("a prompt is empty or encodes to no tokens; the model needs at least one token to continue "
+                "(the default is a newline)")
+        rows += [ids] * args.num_samples
+    width = max(len(ids) for ids in rows)
+    pad = [[0] * (width - len(ids)) for ids in rows]  # any id: the mask keeps it out of the state
+    ids = torch.tensor([p + r for p, r in zip(pad, rows)], device=device)
+    mask = torch.tensor([[0] * len(p) + [1] * len(r) for p, r in zip(pad, rows)], device=device)
+    return [p for p in prompts for _ in range(args.num_samples)], ids, mask
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
-    prompt = args.prompt if args.prompt_file is None else read_text(args.prompt_file, "--prompt-file")
-    if not prompt:
-        die("the prompt is empty; the model needs at least one token to continue (the default is a newline)")
     device = pick_device(args.device, "--device")
     model, tokenizer = load_model(args.ckpt, args.pretrained, device)
-    try:
-        prompt_ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)  # (1, l)
-    except ValueError as e:  # a character the char tokenizer never saw
-        die(f"prompt: {e}")
-    if prompt_ids.shape[1] == 0:
-        die("the prompt encodes to no tokens; give a longer prompt")
+    generator = torch.Generator(device).manual_seed(args.seed)
+    if args.resume_state:  # the memory, tokens and generator a run left: it goes on where it stopped
+        state = read_state(args.resume_state, asdict(model.config), device)
+        cache, tokens, mask = state["cache"], state["tokens"], state["attention_mask"]
+        generator.set_state(state["generator"])
+        texts, inputs = [""] * tokens.shape[0], tokens[:, -1:]  # the last token is the one not read yet
+    else:
+        texts, tokens, mask = encode_prompts(args, tokenizer, device)
+        cache, inputs = model.allocate_cache(tokens.shape[0], device=device), tokens
 
     sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character gets '?', not a crash
-    generator = torch.Generator(device).manual_seed(args.seed)
-    n_tokens, started = 0, time.perf_counter()
-    for i in range(args.num_samples):
-        sys.stdout.write(SEPARATOR if i else "")
-        sys.stdout.write(prompt)
-        new_ids = (int(t[0]) for t in model.stream(prompt_ids, args.max_new_tokens, args.temperature,
-                                                    args.top_k, args.top_p, generator))
-        for piece in tokenizer.decode_pieces(new_ids):
+    started, new = time.perf_counter(), []
+    padded = not args.resume_state and not mask.all()
+    stream = model.stream(inputs, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator,
+                          attention_mask=mask if padded else None, cache=cache)
+
+    def first_row():  # the tokens of a single row, kept for the state file
+        for token in stream:
+            new.append(token)
+            yield int(token[0])
+    if len(texts) == 1:  # one row: printed as it comes
+        sys.stdout.write(texts[0])
+        for piece in tokenizer.decode_pieces(first_row()):
             sys.stdout.write(piece)
             sys.stdout.flush()
-        n_tokens += args.max_new_tokens
+    else:
+        new = list(stream)
+        for i, text in enumerate(texts):
+            sys.stdout.write((SEPARATOR if i else "") + text + tokenizer.decode([int(t[i]) for t in new]))
     sys.stdout.write("\n")
     seconds = time.perf_counter() - started
-    print(f"sampled {n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s on {device}",
-          file=sys.stderr)
+    n_tokens = len(new) * len(texts)
+    print(f"sampled {n_tokens} tokens ({len(texts)} x {len(new)}) in {seconds:.2f} s: "
+          f"{n_tokens / seconds:.1f} tokens/s on {device}", file=sys.stderr)
+    if args.save_state:
+        tokens = torch.cat([tokens, torch.stack(new, dim=1)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(tokens[:, mask.shape[1]:])], dim=1)
+        save_state(args.save_state, asdict(model.config), cache, tokens, mask, generator.get_state())
+        print(f"saved the state after {tokens.shape[1]} tokens to {args.save_state}; continue with "
+              f"--resume-state {args.save_state}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_answer_logits_equal_the_full_forward(monkeypatch):
-    """Prefill then recurrent steps (PREFILL_TOKENS made small so most positions go through the step path)."""
+    """Chunked prefill then one forward from the state (PREFILL_TOKENS made small: chunks of 85, 30 and 1 tokens)."""
     torch.manual_seed(0)
     model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=16, d_state=8)).eval()
     with torch.no_grad():
@@ -26,7 +26,7 @@ def test_answer_logits_equal_the_full_forward(monkeypatch):
     scored = list(range(85, 90))
     with torch.no_grad():
         full = model(x)[:, scored]
-    for limit in (2**16, 90, 1):   # prefill 85 tokens, 30 (= 90 // 3), 1
+    for limit in (2**16, 90, 1):   # chunks of 85 tokens (all at once), 30 (= 90 // 3), 1
         monkeypatch.setattr(evaluate, "PREFILL_TOKENS", limit)
         torch.testing.assert_close(evaluate.answer_logits(model, x, scored), full, rtol=1e-4, atol=1e-4)
 

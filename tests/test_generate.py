@@ -54,7 +54,7 @@ def test_same_seed_streams_the_same_text_as_model_generate(ckpt):
     first, second = run(*args), run(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout == second.stdout
-    assert f"sampled {n} tokens in" in first.stderr and "tokens/s" in first.stderr
+    assert f"sampled {n} tokens (1 x {n}) in" in first.stderr and "tokens/s" in first.stderr
 
     # Independent path: batch generation in this process, decoded all at once.
     model, tokenizer, _ = load_checkpoint(ckpt)
@@ -64,6 +64,49 @@ def test_same_seed_streams_the_same_text_as_model_generate(ckpt):
 
     other = run(*args[:-1], 8)
     assert other.returncode == 0 and other.stdout != first.stdout
+
+
+def test_prompts_of_different_lengths_share_a_batch_and_continue_as_alone(ckpt, tmp_path):
+    """--prompt twice and a --prompt-file of two lines, each sampled twice: 8 rows in one left-padded batch; with
+    temperature 0 every row is its prompt's greedy continuation computed alone, here by model.generate."""
+    prompts = ["the cat", "a", "le café ✓ est", "the red house by the"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts[2:]) + "\n\n", encoding="utf-8")
+    result = run("--ckpt", ckpt, "--prompt", prompts[0], "--prompt", prompts[1], "--prompt-file",
+                 tmp_path / "prompts.txt", "--num-samples", 2, "--max-new-tokens", 15, "--temperature", 0)
+    assert result.returncode == 0, result.stderr
+    assert "sampled 120 tokens (8 x 15) in" in result.stderr
+    model, tokenizer, _ = load_checkpoint(ckpt)
+    expected = []
+    for prompt in prompts:
+        out = model.generate(torch.tensor([tokenizer.encode(prompt)]), 15, temperature=0)
+        expected += [prompt + tokenizer.decode(out[0, -15:].tolist())] * 2
+    assert result.stdout[:-1].split(generate.SEPARATOR) == expected
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_saved_state_continues_as_if_never_stopped(ckpt, tmp_path, rows):
+    """40 tokens straight, against 25, --save-state, then 15 more from --resume-state: the same text, sampled."""
+    args = ("--ckpt", ckpt, "--prompt", "the dog", "--num-samples", rows, "--temperature", 1.0, "--seed", 11)
+    straight = run(*args, "--max-new-tokens", 40)
+    first = run(*args, "--max-new-tokens", 25, "--save-state", tmp_path / "state.pt")
+    assert first.returncode == 0 and "saved the state after 32 tokens" in first.stderr, first.stderr
+    rest = run("--ckpt", ckpt, "--resume-state", tmp_path / "state.pt", "--max-new-tokens", 15)
+    assert rest.returncode == 0, rest.stderr
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["tokens"].shape == (rows, 32)
+    pieces = zip(first.stdout[:-1].split(generate.SEPARATOR), rest.stdout[:-1].split(generate.SEPARATOR))
+    assert [a + b for a, b in pieces] == straight.stdout[:-1].split(generate.SEPARATOR)
+
+
+def test_a_state_from_another_model_or_with_prompts_is_refused(ckpt, char_ckpt, tmp_path):
+    made = run("--ckpt", char_ckpt, "--prompt", "the ", "--max-new-tokens", 2, "--save-state", tmp_path / "s.pt")
+    assert made.returncode == 0, made.stderr
+    for extra, words in (([], "was written by another model ([model] vocab_size = "),
+                         (["--prompt", "x"], "--resume-state continues the rows it holds")):
+        result = run("--ckpt", ckpt, "--resume-state", tmp_path / "s.pt", *extra)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and words in result.stderr, result.stderr
+    (tmp_path / "bad.pt").write_bytes(b"not a state")
+    result = run("--ckpt", ckpt, "--resume-state", tmp_path / "bad.pt")
+    assert result.returncode == 2 and "is not a readable state" in result.stderr
 
 
 def test_several_samples_and_a_prompt_file(ckpt, tmp_path):
@@ -84,7 +127,7 @@ def test_bad_input_is_one_line_and_exit_2(case, ckpt, char_ckpt, tmp_path):
     args, words = {
         "missing": (["--ckpt", tmp_path / "nope.pt"], "no such checkpoint file"),
         "corrupt": (["--ckpt", tmp_path / "corrupt.pt"], "is not a readable checkpoint"),
-        "empty prompt": (["--ckpt", ckpt, "--prompt", ""], "the prompt is empty"),
+        "empty prompt": (["--ckpt", ckpt, "--prompt", ""], "a prompt is empty or encodes to no tokens"),
         "unknown char": (["--ckpt", char_ckpt, "--prompt", "the €"], "'€' (U+20AC) is not in the char vocabulary"),
         "bad temperature": (["--ckpt", ckpt, "--temperature", -1], "--temperature must be >= 0"),
         "bad top-k": (["--ckpt", ckpt, "--top-k", 0], "--top-k must be >= 1, got 0"),
