@@ -15,11 +15,14 @@ def die(message: str, status: int = 2):
 
 
 def pick_device(name: str, where: str) -> torch.device:
-    """"auto": CUDA when torch sees a GPU, else the CPU; "cuda" without a GPU is a one-line error naming
-    ``where`` the choice was made ("--device", "[training] device =")."""
-    if name == "cuda" and not torch.cuda.is_available():
-        die(f"{where} cuda, but torch sees no CUDA device; use auto or cpu")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    """"auto": CUDA when torch sees a GPU, else Apple's MPS, else the CPU; asking for a device torch does not
+    see is a one-line error naming ``where`` the choice was made ("--device", "[training] device =")."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        name = next(kind for kind, ok in available.items() if ok)
+    if not available[name]:
+        die(f"{where} {name}, but torch sees no {name.upper()} device; use auto or cpu")
+    return torch.device(name)
 
 
 def read_text(path: str, flag: str) -> str:

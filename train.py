@@ -64,7 +64,8 @@ class TrainConfig:
         "empty: random weights; else a pretrained directory or hub name to fine-tune: its weights, its "
         "architecture (every [model] key but scan is ignored) and its tokenizer (replacing [data] tokenizer)"))
     seed: int = option(1337, "seeds the weights, the training batches and the fixed validation batches")
-    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: CUDA when available, else CPU")
+    device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "auto: CUDA when available, else Apple's MPS, else "
+                                                                   "the CPU")
     dtype: Literal["auto", "float32", "bfloat16"] = option("auto", (
         "autocast dtype of the matmuls (the scan stays float32); auto: bfloat16 on CUDA, else float32"))
     compile: bool = option(False, "torch.compile the model (slow start, faster steps on GPU)")

@@ -193,7 +193,7 @@ def test_default_config_lists_every_key_with_its_default():
     (lambda: MambaConfig(dt_min=0.5), "MambaConfig.dt_max must be at least dt_min = 0.5, got 0.1"),
     (lambda: DataConfig(val_fraction=1.0), "DataConfig.val_fraction must be strictly between 0 and 1, got 1.0"),
     (lambda: DataConfig(source=" "), "DataConfig.source must be a non-empty string"),
-    (lambda: TrainConfig(device="gpu"), "TrainConfig.device must be one of auto, cpu, cuda, got 'gpu'"),
+    (lambda: TrainConfig(device="gpu"), "TrainConfig.device must be one of auto, cpu, cuda, mps, got 'gpu'"),
     (lambda: TrainConfig(lr=float("nan")), "TrainConfig.lr must be a number, got nan"),
 ])
 def test_every_dataclass_refuses_a_bad_value_by_name(make, words):
