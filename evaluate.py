@@ -1,22 +1,37 @@
-"""Evaluate task checkpoints at other sequence lengths: the extrapolation of the paper's Table 11.
+"""Evaluate trained models: a task checkpoint at other lengths, and the perplexity of a text.
 
-    python evaluate.py --ckpt out/induction_heads/ckpt.pt [more checkpoints] --lengths 64,256,1024,4096,16384,65536
-                       [--examples 256] [--json results.json] [--plot accuracy.png]
+    python evaluate.py tasks --ckpt out/induction_heads/ckpt.pt [more] --lengths 64,256,1024,4096,16384,65536
+                             [--examples 256] [--json results.json] [--plot accuracy.png]
+    python evaluate.py perplexity --ckpt out/ckpt.pt --val            # the checkpoint's held-out split
+    python evaluate.py perplexity --pretrained DIR --text-file book.txt [--chunk 2048] [--window 256 --stride 128]
 
-A checkpoint trained on a synthetic task (tasks.py, configs/induction_heads.ini, ...) is scored on fresh
-examples of the same task at every length given: the accuracy over the answer tokens (argmax). Each sequence
-is read by chunked prefill (the parallel scan over at most 2^16 tokens of the batch at a time, carried from chunk
-to chunk through the recurrent state), so memory stays constant however long it is.
+tasks: a checkpoint trained on a synthetic task (tasks.py, configs/induction_heads.ini, ...) is scored on fresh
+examples of the same task at every length given (the extrapolation of the paper's Table 11): the accuracy over
+the answer tokens (argmax). Each sequence is read by chunked prefill (the parallel scan over at most 2^16 tokens
+of the batch at a time, carried from chunk to chunk through the recurrent state), so memory stays constant
+however long it is.
+
+perplexity: the loss of a whole text read as one sequence, chunk by chunk through the recurrent state, so every
+token is predicted from everything before it, exactly, in memory that does not grow with the text (what a model
+with a fixed context window cannot do), and beside it the usual sliding-window estimate, which gives each token
+at most --window tokens of context. In nats and bits per token (per byte for the byte tokenizer), perplexity,
+and tokens/s.
 """
 import argparse
 import json
+import math
 import sys
 import time
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-from cli import die, int_list
-from pretrained import load_checkpoint
+from checkpoint import read_checkpoint
+from cli import die, int_list, pick_device, read_text
+from data import DataConfig, DataError, load_dataset
+from pretrained import load_checkpoint, load_model
 from tasks import IGNORE, check, make_batch
 
 PREFILL_TOKENS = 2**16  # batch * length of one prefill chunk
@@ -78,16 +93,8 @@ def plot(results, path, title):
     plt.close(fig)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Accuracy of task checkpoints at other sequence lengths.")
-    parser.add_argument("--ckpt", nargs="+", required=True, help="checkpoints trained on a task config")
-    parser.add_argument("--lengths", default="64,128,256,512,1024,2048,4096,8192,16384",
-                        help="comma-separated sequence lengths to evaluate")
-    parser.add_argument("--examples", type=int, default=256, help="examples per length (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation examples (default 0)")
-    parser.add_argument("--json", help="also write the accuracies and timings to this file")
-    parser.add_argument("--plot", help="also draw accuracy against length into this PNG")
-    args = parser.parse_args(argv)
+def task_accuracy(args):
+    """python evaluate.py tasks: each checkpoint's accuracy at each length, printed, and to --json / --plot."""
     lengths = int_list(args.lengths, "--lengths")
     if args.examples < 1:
         die(f"--examples must be >= 1, got {args.examples}")
@@ -121,6 +128,124 @@ def main(argv=None):
     if args.plot:
         plot(runs, args.plot, f"{runs[0]['task'].replace('_', ' ')}: accuracy by test length")
         print(f"wrote {args.plot}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Perplexity of a text
+
+
+@torch.inference_mode()
+def document_nats(model, ids, chunk, bar=None):
+    """Sum of -log p(ids[t] | ids[:t]) over t = 1 .. L-1 (nats) for one document ids (L,), read as one sequence:
+    chunk tokens at a time through the model, the recurrent state carried from each chunk to the next, so the
+    context of every token is the whole document before it and memory does not grow with L."""
+    cache, total = model.allocate_cache(1, device=ids.device), 0.0
+    for start in range(0, len(ids) - 1, chunk):
+        x = ids[start:min(start + chunk, len(ids) - 1)]
+        logits = model(x[None], cache=cache)[0]
+        total += F.cross_entropy(logits.float(), ids[start + 1:start + 1 + len(x)], reduction="sum").item()
+        if bar is not None:
+            bar.update(len(x))
+    return total
+
+
+@torch.inference_mode()
+def sliding_window_nats(model, ids, window, stride, batch=16, bar=None):
+    """The usual estimate when a model has a fixed context: windows of ``window`` tokens every ``stride``
+    tokens, each scoring only the tokens the window before it did not (so every token t >= 1 is scored once,
+    with window - stride to window - 1 tokens of context after the first window). Sum of nats over t = 1 .. L-1."""
+    spans, scored_until = [], 1  # (begin, end, first scored position) of each window
+    for begin in range(0, len(ids) - 1, stride):
+        end = min(begin + window, len(ids))
+        spans.append((begin, end, scored_until))
+        scored_until = end
+        if end == len(ids):
+            break
+    total = 0.0
+    for i in range(0, len(spans), batch):
+        group = spans[i:i + batch]
+        width = max(end - begin for begin, end, _ in group)
+        x = torch.zeros(len(group), width, dtype=torch.long, device=ids.device)
+        y = torch.full_like(x, IGNORE)
+        for row, (begin, end, first) in enumerate(group):
+            x[row, :end - begin] = ids[begin:end]  # right padding: the causal model never reads it
+            y[row, first - begin - 1:end - begin - 1] = ids[first:end]
+        logits = model(x)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum").item()
+        if bar is not None:
+            bar.update(sum(end - first for _, end, first in group))
+    return total
+
+
+def perplexity(args):
+    """python evaluate.py perplexity: the whole-document loss and the sliding-window estimate of one text."""
+    model, tokenizer = load_model(args.ckpt, args.pretrained, pick_device(args.device, "--device"))
+    device = next(model.parameters()).device
+    if args.val:
+        ckpt = read_checkpoint(args.ckpt)
+        try:
+            tokens = load_dataset(DataConfig(**ckpt["config"]["data"]), tokenizer).val
+        except DataError as e:
+            die(f"--val: {e}")
+        source = f"the held-out split of {args.ckpt}'s corpus"
+    else:
+        try:
+            tokens = tokenizer.encode_array(read_text(args.text_file, "--text-file"))
+        except ValueError as e:
+            die(f"--text-file {args.text_file}: {e}")
+        source = args.text_file
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=device)
+    if len(ids) < 2:
+        die(f"{source}: {len(ids)} token(s); perplexity needs at least two")
+    n, unit = len(ids) - 1, tokenizer.unit
+    print(f"{source}: {len(ids):,} {unit}s, {n:,} of them predicted")
+    estimates = [(f"whole document, one sequence carried through the state ({args.chunk} tokens at a time)",
+                  lambda bar: document_nats(model, ids, args.chunk, bar))]
+    if args.window:
+        estimates.append((f"sliding window of {args.window} tokens, stride {args.stride}",
+                          lambda bar: sliding_window_nats(model, ids, args.window, args.stride, bar=bar)))
+    for name, measure in estimates:
+        started = time.perf_counter()
+        with tqdm(total=n, unit=unit, unit_scale=True, leave=False, desc=name.split(",")[0]) as bar:
+            nats = measure(bar) / n
+        seconds = time.perf_counter() - started
+        print(f"{name}: {nats:.4f} nats per {unit}, {nats / math.log(2):.4f} bits per {unit}, perplexity "
+              f"{math.exp(nats):.3f}; {seconds:.1f} s, {n / seconds:,.0f} {unit}s/s")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate trained models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    t = commands.add_parser("tasks", help="accuracy of task checkpoints at other sequence lengths")
+    t.add_argument("--ckpt", nargs="+", required=True, help="checkpoints trained on a task config")
+    t.add_argument("--lengths", default="64,128,256,512,1024,2048,4096,8192,16384",
+                   help="comma-separated sequence lengths to evaluate")
+    t.add_argument("--examples", type=int, default=256, help="examples per length (default 256)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the evaluation examples (default 0)")
+    t.add_argument("--json", help="also write the accuracies and timings to this file")
+    t.add_argument("--plot", help="also draw accuracy against length into this PNG")
+    p = commands.add_parser("perplexity", help="loss and perplexity of a text, whole and by sliding window")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by main.py (default: out/ckpt.pt)")
+    weights.add_argument("--pretrained", metavar="DIR_OR_NAME", help="a published Mamba directory or hub name")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text-file", help="the UTF-8 text to score, as one document")
+    text.add_argument("--val", action="store_true", help="the held-out split of the checkpoint's own corpus")
+    p.add_argument("--chunk", type=int, default=2048, help="tokens read at a time by the whole-document pass")
+    p.add_argument("--window", type=int, default=256, help="the sliding window (0: skip that estimate)")
+    p.add_argument("--stride", type=int, default=128, help="tokens between sliding windows (default 128)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    args = parser.parse_args(argv)
+    if args.command == "tasks":
+        return task_accuracy(args)
+    for flag, value in (("--chunk", args.chunk), ("--stride", args.stride)):
+        if value < 1:
+            die(f"{flag} must be >= 1, got {value}")
+    if args.window and not 1 <= args.stride <= args.window:
+        die(f"--stride must be in [1, --window = {args.window}], got {args.stride}")
+    if args.val and args.pretrained:
+        die("--val reads a training checkpoint's corpus: use it with --ckpt")
+    perplexity(args)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import evaluate
 import tasks
@@ -49,12 +50,57 @@ def test_accuracy_counts_answer_tokens():
 def test_task_checkpoint_evaluates_at_other_lengths(tmp_path):
     train_task(tmp_path, "short", 2)
     out = tmp_path / "acc.json"
-    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(tmp_path / "short" / "ckpt.pt"),
-                             "--lengths", "8,64", "--examples", "5", "--json", str(out)],
+    command = [sys.executable, str(ROOT / "evaluate.py"), "tasks", "--ckpt", str(tmp_path / "short" / "ckpt.pt")]
+    result = subprocess.run(command + ["--lengths", "8,64", "--examples", "5", "--json", str(out)],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())[0]["results"]
     assert [r["length"] for r in results] == [8, 64] and all(0 <= r["accuracy"] <= 1 for r in results)
-    bad = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--ckpt", str(tmp_path / "short" / "ckpt.pt"),
-                          "--lengths", "3"], capture_output=True, text=True, cwd=tmp_path)
+    bad = subprocess.run(command + ["--lengths", "3"], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "the length >= 2 * task_tokens" in bad.stderr
+
+
+# ---- perplexity -----------------------------------------------------------------------------------------------
+
+def perplexity_model():
+    torch.manual_seed(0)
+    return MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=40, d_state=8)).eval()
+
+
+def doc(n, seed=0):
+    return torch.randint(40, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 50, 1000])
+def test_the_whole_document_in_chunks_is_one_forward(chunk):
+    model, ids = perplexity_model(), doc(123)
+    with torch.no_grad():
+        full = F.cross_entropy(model(ids[None])[0, :-1], ids[1:], reduction="sum").item()
+    assert evaluate.document_nats(model, ids, chunk) == pytest.approx(full, rel=1e-5)
+
+
+def test_sliding_windows_give_each_token_its_window_of_context():
+    """Stride 1: token t is predicted from the window - 1 tokens before it (all of them near the start),
+    computed here one token at a time; a window as long as the text is the whole document."""
+    model, ids, window = perplexity_model(), doc(40, seed=1), 6
+    with torch.no_grad():
+        truth = sum(-model(ids[max(0, t - window + 1):t][None])[0, -1].log_softmax(-1)[ids[t]].item()
+                    for t in range(1, len(ids)))
+        whole = evaluate.document_nats(model, ids, 16)
+    assert evaluate.sliding_window_nats(model, ids, window, 1, batch=4) == pytest.approx(truth, rel=1e-5)
+    assert evaluate.sliding_window_nats(model, ids, 64, 32) == pytest.approx(whole, rel=1e-5)
+
+
+def test_the_perplexity_command(tmp_path):
+    train_task(tmp_path, "sc", 2)  # any checkpoint with a tokenizer: the task's symbols
+    (tmp_path / "text.txt").write_text("..a..b|" * 30, encoding="utf-8")
+    command = [sys.executable, str(ROOT / "evaluate.py"), "perplexity", "--ckpt", str(tmp_path / "sc" / "ckpt.pt"),
+               "--text-file", str(tmp_path / "text.txt"), "--chunk", "16", "--window", "32", "--stride", "8"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith("210 tokens, 209 of them predicted")
+    assert lines[1].startswith("whole document, one sequence carried through the state (16 tokens at a time): ")
+    assert lines[2].startswith("sliding window of 32 tokens, stride 8: ") and "perplexity" in lines[2]
+    bad = subprocess.run(command[:-4] + ["--window", "8", "--stride", "9"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--stride must be in [1, --window = 8]" in bad.stderr
