@@ -84,3 +84,9 @@ def test_cached_decoding_of_the_baselines_matches_their_full_forward():
             for t in range(9, 12):
                 logits, state = step(ids[:, t], state, t)
             torch.testing.assert_close(logits, full[name](), atol=1e-5, rtol=1e-5)
+
+
+def test_bench_prefill_prints_chunked_and_one_pass_rows():
+    out = run("bench_prefill.py", "--lengths", "64,256", "--chunk", "32", "--one-pass-max", "64", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.startswith(("| 64 |", "| 256 |"))]
+    assert len(rows) == 2 and rows[0].count("MB") == 2 and rows[1].endswith("| not run |"), out

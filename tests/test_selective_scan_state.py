@@ -149,3 +149,15 @@ def test_groups_that_do_not_divide_the_channels_are_refused():
     kw["B"], kw["C"] = torch.randn(1, 2, 4, 5), torch.randn(1, 3, 4, 5)
     with pytest.raises(ValueError, match=r"got G = \[2, 3\]"):
         selective_scan_fn(**kw)
+
+
+@pytest.mark.parametrize("l", [5, 300])
+def test_initial_state_with_a_selective_A(l):
+    """A_scale (A_t = A_scale_t A in the decay) and h_0 together: the recurrence, and the gradients of both."""
+    kw = with_state(make_inputs(2, 3, 4, l, True, True, dtype=torch.float64, seed=l), seed=l)
+    kw["A_scale"] = torch.rand(2, 3, l, generator=torch.Generator().manual_seed(l), dtype=torch.float64) + 0.5
+    check_against_truth(kw, 1e-10)
+    gy, gh = upstream(kw, l)
+    g_fn, g_ref = grads_of(selective_scan_fn, kw, gy, gh), grads_of(selective_scan_ref, kw, gy, gh)
+    for k in g_ref:
+        assert rel_err(g_fn[k], g_ref[k]) < 1e-10, (k, rel_err(g_fn[k], g_ref[k]))
