@@ -34,6 +34,18 @@ def read_text(path: str, flag: str) -> str:
         die(f"{flag} {path}: cannot read it as UTF-8 text ({getattr(e, 'strerror', None) or e})")
 
 
+def encode(tokenizer, text: str, what: str) -> list[int]:
+    """tokenizer.encode(text), or die naming ``what`` the text is when it has a character the tokenizer does not
+    know (a char tokenizer's) or encodes to no token at all."""
+    try:
+        ids = tokenizer.encode(text)
+    except ValueError as e:
+        die(f"{what}: {e}")
+    if not ids:
+        die(f"{what} is empty or encodes to no tokens; the model needs at least one token to read")
+    return ids
+
+
 def int_list(text: str, flag: str) -> list[int]:
     """"64,128,256" -> [64, 128, 256], or die naming ``flag``."""
     try:

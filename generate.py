@@ -31,7 +31,7 @@ from dataclasses import asdict
 import torch
 
 from checkpoint import read_state, save_state
-from cli import die, pick_device, read_text
+from cli import die, encode, pick_device, read_text
 from pretrained import load_model
 from sampling import check_sampling
 
@@ -82,16 +82,8 @@ def encode_prompts(args, tokenizer, device):
     if args.prompt_file:
         prompts += [line for line in read_text(args.prompt_file, "--prompt-file").splitlines() if line]
     prompts = prompts or ["\n"]
-    rows = []
-    for prompt in prompts:
-        try:
-            ids = tokenizer.encode(prompt)
-        except ValueError as e:  # a character the char tokenizer never saw
-            die(f"prompt: {e}")
-        if not ids:
-            die("a prompt is empty or encodes to no tokens; the model needs at least one token to continue "
-                "(the default is a newline)")
-        rows += [ids] * args.num_samples
+    encoded = [encode(tokenizer, prompt, "a prompt") for prompt in prompts]
+    rows = [ids for ids in encoded for _ in range(args.num_samples)]
     width = max(len(ids) for ids in rows)
     pad = [[0] * (width - len(ids)) for ids in rows]  # any id: the mask keeps it out of the state
     ids = torch.tensor([p + r for p, r in zip(pad, rows)], device=device)

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from einops import rearrange  # noqa: E402
 
-from cli import die, int_list, read_text  # noqa: E402
+from cli import die, encode, int_list, read_text  # noqa: E402
 from pretrained import load_checkpoint  # noqa: E402
 from tasks import make_batch  # noqa: E402
 
@@ -214,12 +214,9 @@ def look_inside(ckpt, text=None, ids=None, out="delta.png", json_path=None, max_
                           ckpt_dict["config"]["training"]["seq_len"], torch.Generator().manual_seed(task_example))
         ids = x[0].tolist()
     if ids is None:
-        try:
-            ids = tokenizer.encode(text)
-        except ValueError as e:  # a character the char tokenizer never saw
-            die(f"text: {e}")
+        ids = encode(tokenizer, text, "the text")
     if not ids:
-        die("the text is empty: give at least one token")
+        die("--ids is empty: give at least one token")
     if max_tokens < 1:
         die(f"--max-tokens must be >= 1, got {max_tokens}")
     if any(not 0 <= i < model.config.vocab_size for i in ids):

@@ -134,7 +134,8 @@ def test_token_ids_and_max_tokens(ckpt, tmp_path, capsys):
 
 
 def test_bad_input_stops_with_one_line(ckpt, tmp_path, capsys):
-    for args, message in ((["--text", ""], "the text is empty"), (["--ids", "1,x"], "comma-separated integers"),
+    for args, message in ((["--text", ""], "the text is empty or encodes to no tokens"),
+                          (["--ids", "1,x"], "comma-separated integers"),
                           (["--ids", "1,256"], "token ids must be in [0, 256)")):
         with pytest.raises(SystemExit) as stop:
             look_inside.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "x.png"), *args])
