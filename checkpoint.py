@@ -231,6 +231,8 @@ def _from_hf_config(c: dict) -> dict:
 def hf_config(config, dtype: torch.dtype) -> dict:
     """transformers' config.json for a model of this MambaConfig. vocab_size is the number of embedding
     rows; unpadded_vocab_size and pad_vocab_size_multiple (ignored by transformers) bring ours back."""
+    if config.layer != "mamba1":
+        raise PretrainedError(f"a {config.layer} model cannot be written in the Hugging Face layout yet; only mamba1")
     return {"architectures": ["MambaForCausalLM"], "model_type": "mamba",
             "vocab_size": config.padded_vocab_size, "unpadded_vocab_size": config.vocab_size,
             "pad_vocab_size_multiple": config.pad_vocab_size_multiple, "hidden_size": config.d_model,

@@ -78,6 +78,10 @@ class Mamba2Mixer(nn.Module):
                     linear.bias.zero_()
             self.out_proj.weight /= math.sqrt(n_layer)
 
+    def state_shapes(self):
+        """The shapes of one sequence's (conv window, SSM state)."""
+        return (self.conv_dim, self.d_conv), (self.nheads, self.headdim, self.d_state)
+
     def _step_size(self, dt):
         """Δ = softplus(dt + dt_bias), clamped to dt_limit, in float32."""
         delta = F.softplus(dt.float() + self.dt_bias.float())

@@ -28,6 +28,7 @@ from einops import rearrange
 
 import checkpoint
 from config import NON_NEGATIVE, POSITIVE, check_fields, must, option
+from mamba2 import Mamba2Mixer
 from sampling import Generation, check_left_padding
 from selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update
 
@@ -65,10 +66,21 @@ class MambaConfig:
     selective_A: bool = option(False, "A depends on the input too, A_t = A * softplus(A_proj(u_t)) per channel "
                                       "(the paper's untested hypothesis; not in the official model)")
     scan: Literal["fast", "ref"] = option("fast", 'scan for whole sequences: "fast" (parallel) or "ref" (loop)')
+    # The block: Mamba-1's (the fields above) or Mamba-2's (mamba2.py), which reads these three and ignores
+    # dt_rank, dt_scale, the selectivity switches and scan. Its official d_state is 128.
+    layer: Literal["mamba1", "mamba2"] = option("mamba1", "the block: mamba1 (selective scan) or mamba2 (SSD, one "
+                                                          "A per head, mamba2.py)")
+    headdim: int = option(64, "mamba2: channels per head (d_inner / headdim heads)", POSITIVE)
+    ngroups: int = option(1, "mamba2: groups of heads that share B and C", POSITIVE)
+    chunk_size: int = option(256, "mamba2: steps per chunk of the SSD algorithm", POSITIVE)
 
     def __post_init__(self):
         check_fields(self)
         must(self, "dt_max", self.dt_max >= self.dt_min, f"at least dt_min = {self.dt_min}")
+        if self.layer == "mamba2":
+            must(self, "headdim", self.d_inner % self.headdim == 0, f"a divisor of d_inner = {self.d_inner}")
+            must(self, "ngroups", self.d_inner // self.headdim % self.ngroups == 0,
+                 f"a divisor of the {self.d_inner // self.headdim} heads")
 
     @property
     def d_inner(self) -> int:
@@ -107,6 +119,10 @@ def param_count(config: MambaConfig) -> int:
              + di * n + di                                           # A_log, D
              + di * d)                                               # out_proj
     mixer += (2 * di + d) * config.bias + di * config.conv_bias
+    if config.layer == "mamba2":  # in_proj to z, x, B, C, dt; conv over x, B, C; dt_bias, A_log, D per head; norm
+        h, conv = di // config.headdim, di + 2 * config.ngroups * n
+        mixer = (d * (di + conv + h) + conv * k + 3 * h + di + di * d
+                 + (di + conv + h + d) * config.bias + conv * config.conv_bias)
     embedding = config.padded_vocab_size * d
     lm_head = 0 if config.tie_embeddings else embedding
     return embedding + config.n_layer * (d + mixer) + d + lm_head
@@ -271,6 +287,10 @@ class MambaMixer(nn.Module):
             ssm_state.copy_(last_state)
         return self.out_proj(rearrange(y, "b d l -> b l d"))
 
+    def state_shapes(self):
+        """The shapes of one sequence's (conv window, SSM state)."""
+        return (self.d_inner, self.d_conv), (self.d_inner, self.d_state)
+
     def step(self, hidden, conv_state, ssm_state):
         """One token, hidden (b, d_model) -> (b, d_model): the recurrence h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,
         constant cost per token. Updates conv_state (b, d_inner, d_conv) and ssm_state (b, d_inner, n) in place."""
@@ -296,7 +316,10 @@ class Block(nn.Module):
     def __init__(self, config: MambaConfig):
         super().__init__()
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mixer = MambaMixer(config)
+        c = config
+        self.mixer = MambaMixer(c) if c.layer == "mamba1" else Mamba2Mixer(
+            c.d_model, c.n_layer, c.d_state, c.d_conv, c.expand, c.headdim, c.ngroups, c.chunk_size, c.dt_min,
+            c.dt_max, c.dt_init_floor, bias=c.bias, conv_bias=c.conv_bias, norm_eps=c.norm_eps)
 
     def forward(self, x, cache=None, mask=None):
         """x (b, l, d_model) -> (b, l, d_model)."""
@@ -391,14 +414,14 @@ class MambaLM(Generation, nn.Module):
     # ---- recurrent inference: O(1) work and memory per new token -------------------------------------------
 
     def allocate_cache(self, batch_size, device=None, dtype=None):
-        """Zero states, one (conv_state (b, d_inner, d_conv), ssm_state (b, d_inner, n)) per layer. conv_state is in
-        dtype (default: the model's); ssm_state in at least float32, since it accumulates over every token."""
+        """Zero states, one (conv_state, ssm_state) per layer, shaped as its mixer's state_shapes say (Mamba-1:
+        (b, d_inner, d_conv) and (b, d_inner, n)). conv_state is in dtype (default: the model's); ssm_state in at
+        least float32, since it accumulates over every token."""
         device = self.lm_head.weight.device if device is None else device
         dtype = self.lm_head.weight.dtype if dtype is None else dtype
-        c = self.config
-        return [(torch.zeros(batch_size, c.d_inner, c.d_conv, device=device, dtype=dtype),
-                 torch.zeros(batch_size, c.d_inner, c.d_state, device=device, dtype=_compute_dtype(dtype)))
-                for _ in range(c.n_layer)]
+        shapes = [layer.mixer.state_shapes() for layer in self.backbone.layers]
+        return [(torch.zeros(batch_size, *conv, device=device, dtype=dtype),
+                 torch.zeros(batch_size, *ssm, device=device, dtype=_compute_dtype(dtype))) for conv, ssm in shapes]
 
     @torch.inference_mode()
     def prefill(self, input_ids, cache, attention_mask=None, chunk_size=PREFILL_CHUNK):
