@@ -25,6 +25,7 @@ the Hugging Face layout. model.py's MambaLM.from_pretrained and save_pretrained 
 """
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -180,12 +181,14 @@ def read_pretrained_config(folder) -> dict:
     if not isinstance(config, dict):
         raise PretrainedError(f"{path}: expected a JSON object")
     try:
+        if config.get("model_type") == "mamba2":
+            return _from_hf_mamba2_config(config)
         if config.get("model_type") == "mamba" or "hidden_size" in config:
             return _from_hf_config(config)
         if "d_model" in config:
             return _from_original_config(config)
         raise ValueError(f"neither the original Mamba layout (d_model, n_layer, ...) nor the Hugging Face "
-                         f"one (model_type mamba); model_type is {config.get('model_type')!r}")
+                         f"one (model_type mamba or mamba2); model_type is {config.get('model_type')!r}")
     except KeyError as e:
         raise PretrainedError(f"{path}: no key {e}") from None
     except ValueError as e:  # an unsupported variant
@@ -193,14 +196,27 @@ def read_pretrained_config(folder) -> dict:
 
 
 def _from_original_config(c: dict) -> dict:
-    """mamba_ssm's MambaConfig (mixer_seq_simple.MambaLMHeadModel) -> our fields."""
+    """mamba_ssm's MambaConfig (mixer_seq_simple.MambaLMHeadModel) -> our fields; ssm_cfg layer Mamba1 or Mamba2."""
     ssm = c.get("ssm_cfg") or {}
-    if ssm.get("layer", "Mamba1") != "Mamba1":
-        raise ValueError(f"ssm_cfg layer {ssm['layer']!r}: only Mamba1 blocks are implemented here")
+    if ssm.get("layer", "Mamba1") not in ("Mamba1", "Mamba2"):
+        raise ValueError(f"ssm_cfg layer {ssm['layer']!r}: only Mamba1 and Mamba2 blocks are implemented here")
     if not c.get("rms_norm", True):
         raise ValueError("rms_norm is false: only RMSNorm models are implemented here")
     if c.get("d_intermediate") or c.get("attn_layer_idx"):
         raise ValueError("d_intermediate / attn_layer_idx: hybrid models with MLPs or attention are not supported")
+    if ssm.get("layer") == "Mamba2":
+        for key, official in (("D_has_hdim", False), ("rmsnorm", True), ("norm_before_gate", False),
+                              ("dt_limit", [0.0, math.inf]), ("d_ssm", None)):
+            if ssm.get(key, official) != official:
+                raise ValueError(f"ssm_cfg {key} = {ssm[key]}: only the official default ({official}) is implemented")
+        return {"d_model": c["d_model"], "n_layer": c["n_layer"], "vocab_size": c["vocab_size"], "layer": "mamba2",
+                "d_state": ssm.get("d_state", 128), "d_conv": ssm.get("d_conv", 4), "expand": ssm.get("expand", 2),
+                "headdim": ssm.get("headdim", 64), "ngroups": ssm.get("ngroups", 1),
+                "chunk_size": ssm.get("chunk_size", 256), "dt_min": ssm.get("dt_min", 0.001),
+                "dt_max": ssm.get("dt_max", 0.1), "dt_init_floor": ssm.get("dt_init_floor", 1e-4),
+                "conv_bias": ssm.get("conv_bias", True), "bias": ssm.get("bias", False),
+                "pad_vocab_size_multiple": c.get("pad_vocab_size_multiple", 8),
+                "tie_embeddings": c.get("tie_embeddings", True)}
     return {"d_model": c["d_model"], "n_layer": c["n_layer"], "vocab_size": c["vocab_size"],
             "d_state": ssm.get("d_state", 16), "d_conv": ssm.get("d_conv", 4), "expand": ssm.get("expand", 2),
             "dt_rank": ssm.get("dt_rank", "auto"), "dt_min": ssm.get("dt_min", 0.001),
@@ -228,21 +244,48 @@ def _from_hf_config(c: dict) -> dict:
             "tie_embeddings": c.get("tie_word_embeddings", True)}
 
 
+def _from_hf_mamba2_config(c: dict) -> dict:
+    """transformers' Mamba2Config -> our fields (vocab_size as in _from_hf_config)."""
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {c['hidden_act']!r}: the Mamba-2 block here uses silu")
+    if any(kind != "mamba" for kind in c.get("layer_types") or []):
+        raise ValueError("layer_types has attention layers: hybrid models are not implemented here")
+    # transformers 5 writes inf as {"__float__": "Infinity"}; json itself (and older versions) as Infinity
+    limit = [float(v["__float__"]) if isinstance(v, dict) else v for v in c.get("time_step_limit", [0.0, math.inf])]
+    if limit != [0.0, math.inf]:
+        raise ValueError(f"time_step_limit {c['time_step_limit']}: only (0, inf) is implemented")
+    if c["num_heads"] * c["head_dim"] != c.get("expand", 2) * c["hidden_size"]:
+        raise ValueError(f"num_heads {c['num_heads']} x head_dim {c['head_dim']} is not expand x hidden_size")
+    padded = "unpadded_vocab_size" in c
+    return {"layer": "mamba2", "d_model": c["hidden_size"], "n_layer": c["num_hidden_layers"],
+            "vocab_size": c["unpadded_vocab_size"] if padded else c["vocab_size"],
+            "pad_vocab_size_multiple": c.get("pad_vocab_size_multiple", 1) if padded else 1,
+            "d_state": c.get("state_size", 128), "d_conv": c.get("conv_kernel", 4), "expand": c.get("expand", 2),
+            "headdim": c["head_dim"], "ngroups": c.get("n_groups", 1), "chunk_size": c.get("chunk_size", 256),
+            "dt_min": c.get("time_step_min", 0.001), "dt_max": c.get("time_step_max", 0.1),
+            "dt_init_floor": c.get("time_step_floor", 1e-4), "conv_bias": c.get("use_conv_bias", True),
+            "bias": c.get("use_bias", False), "norm_eps": c.get("layer_norm_epsilon", 1e-5),
+            "tie_embeddings": c.get("tie_word_embeddings", False)}
+
+
 def hf_config(config, dtype: torch.dtype) -> dict:
     """transformers' config.json for a model of this MambaConfig. vocab_size is the number of embedding
     rows; unpadded_vocab_size and pad_vocab_size_multiple (ignored by transformers) bring ours back."""
-    if config.layer != "mamba1":
-        raise PretrainedError(f"a {config.layer} model cannot be written in the Hugging Face layout yet; only mamba1")
-    return {"architectures": ["MambaForCausalLM"], "model_type": "mamba",
-            "vocab_size": config.padded_vocab_size, "unpadded_vocab_size": config.vocab_size,
-            "pad_vocab_size_multiple": config.pad_vocab_size_multiple, "hidden_size": config.d_model,
-            "num_hidden_layers": config.n_layer, "state_size": config.d_state, "expand": config.expand,
-            "intermediate_size": config.d_inner, "conv_kernel": config.d_conv,
-            "time_step_rank": config.dt_rank_value, "use_bias": config.bias, "use_conv_bias": config.conv_bias,
-            "layer_norm_epsilon": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
-            "hidden_act": "silu", "residual_in_fp32": True, "time_step_min": config.dt_min,
-            "time_step_max": config.dt_max, "time_step_floor": config.dt_init_floor,
-            "time_step_scale": config.dt_scale, "dtype": str(dtype).removeprefix("torch.")}
+    shared = {"vocab_size": config.padded_vocab_size, "unpadded_vocab_size": config.vocab_size,
+              "pad_vocab_size_multiple": config.pad_vocab_size_multiple, "hidden_size": config.d_model,
+              "num_hidden_layers": config.n_layer, "state_size": config.d_state, "expand": config.expand,
+              "conv_kernel": config.d_conv, "use_bias": config.bias, "use_conv_bias": config.conv_bias,
+              "layer_norm_epsilon": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
+              "hidden_act": "silu", "residual_in_fp32": True, "time_step_min": config.dt_min,
+              "time_step_max": config.dt_max, "time_step_floor": config.dt_init_floor,
+              "dtype": str(dtype).removeprefix("torch.")}
+    if config.layer == "mamba2":
+        return {"architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", **shared,
+                "num_heads": config.d_inner // config.headdim, "head_dim": config.headdim,
+                "n_groups": config.ngroups, "chunk_size": config.chunk_size, "time_step_limit": [0.0, math.inf]}
+    return {"architectures": ["MambaForCausalLM"], "model_type": "mamba", **shared,
+            "intermediate_size": config.d_inner, "time_step_rank": config.dt_rank_value,
+            "time_step_scale": config.dt_scale}
 
 
 # ----------------------------------------------------------------------------------------------------

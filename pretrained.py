@@ -71,10 +71,7 @@ def export(ckpt_path, out_dir) -> None:
     for a model fine-tuned from one, else baby_mamba_tokenizer.json (a byte or char tokenizer is no
     Hugging Face tokenizer; generate.py --pretrained and init_from read that file)."""
     model, tokenizer, ckpt = load_checkpoint(ckpt_path)
-    try:
-        weights = model.save_pretrained(out_dir)
-    except PretrainedError as e:
-        die(f"--ckpt {ckpt_path}: {e}")
+    weights = model.save_pretrained(out_dir)
     state = tokenizer.state_dict()
     if state["kind"] == "hf":
         (Path(out_dir) / "tokenizer.json").write_text(state["json"], encoding="utf-8")

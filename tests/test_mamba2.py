@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from transformers import Mamba2Config
+from transformers import Mamba2Config, Mamba2ForCausalLM
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HFMamba2Mixer
 
 from data import DataConfig
@@ -128,7 +128,7 @@ def test_impossible_head_sizes_are_refused_by_name():
 
 def test_the_trainer_trains_a_mamba2_model(tmp_path, capsys, one_line_error):
     """The same trainer, nothing Mamba-2-specific in it: the loss of a tiny run falls; the checkpoint samples,
-    and what is Mamba-1-only (the Hugging Face export, look_inside.py) says so in one line."""
+    exports to transformers' Mamba2 layout with the same logits, and look_inside.py (Mamba-1 only) says so."""
     data = DataConfig(task="selective_copying", task_vocab=5, task_tokens=2)
     cfg = TrainConfig(out_dir=str(tmp_path / "m2"), device="cpu", batch_size=16, seq_len=16, max_steps=30, lr=1e-2,
                       min_lr=1e-3, warmup_steps=5, eval_interval=30, eval_batches=2, ckpt_interval=30)
@@ -139,9 +139,12 @@ def test_the_trainer_trains_a_mamba2_model(tmp_path, capsys, one_line_error):
     capsys.readouterr()  # the run's progress
     model, tokenizer, _ = load_checkpoint(tmp_path / "m2" / "ckpt.pt")
     assert model.generate(torch.tensor([tokenizer.encode("..a.|")]), 3, temperature=0).shape == (1, 8)
-    for run, words in ((lambda: export(tmp_path / "m2" / "ckpt.pt", tmp_path / "hf"), "cannot be written in the "
-                        "Hugging Face layout yet"),
-                       (lambda: look_inside(tmp_path / "m2" / "ckpt.pt", ids=[0, 1]), "draws Mamba-1's Δ, B and C")):
-        with pytest.raises(SystemExit):
-            run()
-        assert words in one_line_error()
+    export(tmp_path / "m2" / "ckpt.pt", tmp_path / "hf")
+    ids = torch.tensor([tokenizer.encode("..a.b.|")])
+    with torch.no_grad():
+        theirs = Mamba2ForCausalLM.from_pretrained(tmp_path / "hf").eval()(ids).logits
+        torch.testing.assert_close(theirs, model(ids), rtol=1e-4, atol=1e-5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        look_inside(tmp_path / "m2" / "ckpt.pt", ids=[0, 1])
+    assert "draws Mamba-1's Δ, B and C" in one_line_error()

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import Mamba2Config, Mamba2ForCausalLM, MambaForCausalLM
 from transformers import MambaConfig as HFMambaConfig
-from transformers import MambaForCausalLM
 
 import main
 from data import Batches, DataConfig, load_dataset
@@ -211,11 +211,65 @@ def test_a_tokenizer_json_without_the_tokenizers_package_says_what_to_install(hf
         read_tokenizer(hf_dir[0])
 
 
-def test_unsupported_variants_are_named(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"d_model": 64, "n_layer": 2, "vocab_size": 10,
-                                                      "ssm_cfg": {"layer": "Mamba2"}}))
-    with pytest.raises(PretrainedError, match="only Mamba1"):
+@pytest.mark.parametrize("config, words", [
+    ({"d_model": 64, "n_layer": 2, "vocab_size": 10, "ssm_cfg": {"layer": "Mamba3"}}, "only Mamba1 and Mamba2"),
+    ({"d_model": 64, "n_layer": 2, "vocab_size": 10, "ssm_cfg": {"layer": "Mamba2", "D_has_hdim": True}},
+     r"ssm_cfg D_has_hdim = True: only the official default \(False\)"),
+    ({"d_model": 64, "n_layer": 2, "vocab_size": 10, "attn_layer_idx": [1]}, "hybrid models"),
+    ({"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 8, "head_dim": 16,
+      "vocab_size": 10, "layer_types": ["mamba", "attention"]}, "attention layers: hybrid models"),
+])
+def test_unsupported_variants_are_named(config, words, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PretrainedError, match=words):
         read_config(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mamba-2: transformers' Mamba2ForCausalLM and mamba_ssm's layout (ssm_cfg layer Mamba2)
+
+
+def random_hf_mamba2(seed=0, **overrides) -> Mamba2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Mamba2Config(**{"vocab_size": 100, "hidden_size": 64, "num_heads": 8, "head_dim": 16, "state_size": 16,
+                             "n_groups": 2, "chunk_size": 16, "num_hidden_layers": 2, "eos_token_id": None,
+                             **overrides})
+    model = Mamba2ForCausalLM(config).eval()
+    with torch.no_grad():  # mixers loud enough to matter against the residual stream
+        for layer in model.backbone.layers:
+            layer.mixer.in_proj.weight.mul_(3)
+            layer.mixer.out_proj.weight.mul_(3)
+    return model
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True, "use_conv_bias": False, "n_groups": 1}])
+def test_transformers_mamba2_loads_and_saves_with_the_same_logits(overrides, tmp_path):
+    hf = random_hf_mamba2(**overrides)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = MambaLM.from_pretrained(tmp_path / "hf")
+    assert ours.config.layer == "mamba2" and ours.num_params() == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(100, (2, 37), generator=torch.Generator().manual_seed(3))  # 37: not a multiple of 16
+    torch.testing.assert_close(logits(ours, ids), logits(hf, ids), rtol=1e-4, atol=1e-5)
+    ours.save_pretrained(tmp_path / "ours")  # and back into transformers
+    back = Mamba2ForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(back, ids), logits(ours, ids), rtol=1e-4, atol=1e-5)
+
+
+def test_mamba_ssm_mamba2_layout_loads_with_the_same_logits(tmp_path):
+    """config.json as mamba_ssm writes it (ssm_cfg layer Mamba2; vocab_size 97 for 100 rows) and pytorch_model.bin
+    under its names, lm_head stored too."""
+    hf = random_hf_mamba2(seed=4, tie_word_embeddings=True)
+    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.state_dict().items()}
+    state["lm_head.weight"] = state["backbone.embedding.weight"].clone()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "d_model": 64, "n_layer": 2, "vocab_size": 97, "pad_vocab_size_multiple": 4, "rms_norm": True,
+        "tie_embeddings": True, "ssm_cfg": {"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2,
+                                            "chunk_size": 16}}))
+    ours = load_pretrained(tmp_path)
+    assert (ours.config.vocab_size, ours.config.padded_vocab_size) == (97, 100)
+    ids = torch.randint(97, (1, 29), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(logits(ours, ids), logits(hf, ids), rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
