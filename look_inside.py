@@ -10,6 +10,7 @@ Runs the text through the model once and records, for every layer, the numbers i
 
 so Δ_t decides, per token, how much of the state survives (exp(Δ_t A) near 1 for a small Δ_t: the token is
 mostly ignored) and how strongly the token is written in (a large Δ_t resets the state towards the token).
+For a Mamba-2 model (one Δ per head, a scalar A per head) the same is drawn with heads in place of channels.
 The figure shows per layer: mean Δ over channels for each token, coloured over the text; the norms of B_t and
 C_t (how strongly the token is written into / read from the state); and the fraction of the state that survives
 the step, the mean over channels and state of exp(Δ_t A). The text summary lists the tokens with the largest
@@ -33,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from einops import rearrange  # noqa: E402
 
 from cli import die, encode, int_list, read_text  # noqa: E402
+from mamba2 import Mamba2Mixer  # noqa: E402
 from pretrained import load_checkpoint  # noqa: E402
 from tasks import make_batch  # noqa: E402
 
@@ -44,34 +46,45 @@ SHOWN = {" ": "␣", "\n": "↵", "\t": "⇥", "": "·"}  # how invisible tokens
 
 @torch.no_grad()
 def capture(model, ids):
-    """ids (1, l) int64 -> one dict per layer, all float32: delta (l, d_inner) = Δ after softplus; B and C (l, n),
-    or the fixed (d_inner, n) matrices of a non-selective ablation; A (d_inner, n); decay_step (l, d_inner), the
-    Δ_t A_scale_t in exp(Δ_t A_scale_t A) (= delta unless A is selective). Exactly what the layer's selective scan
-    receives: the mixer's own ssm_params on the scan's input u, read by a hook on the mixer's activation."""
+    """ids (1, l) int64 -> one dict per layer, all float32: delta (l, k) = Δ after softplus, k = d_inner channels
+    (Mamba-1) or heads (Mamba-2); B and C (l, n) (Mamba-2: (l, g n), its groups side by side), or the fixed
+    (d_inner, n) matrices of a non-selective ablation; A (k, n) (Mamba-2: (heads, 1)); decay_step (l, k), the
+    Δ_t A_scale_t in exp(Δ_t A_scale_t A) (= delta unless A is selective). Exactly what the layer's scan receives:
+    the mixer's own code on the inputs forward hooks read (its activation's output; Mamba-2: and in_proj's)."""
     mixers = [layer.mixer for layer in model.backbone.layers]
-    seen = {}  # layer index -> u, the activation's output (1, d_inner, l)
+    seen = {}  # (layer index, "act" or "in_proj") -> that module's output
 
-    def keeper(i):
+    def keeper(key):
         def hook(module, args, output):  # returns None: the forward pass goes on unchanged
-            seen[i] = output
+            seen[key] = output
         return hook
 
-    hooks = [m.act.register_forward_hook(keeper(i)) for i, m in enumerate(mixers)]
+    hooks = [getattr(m, name).register_forward_hook(keeper((i, name)))
+             for i, m in enumerate(mixers) for name in ("act", "in_proj")]
     try:
         model(ids)
     finally:
         for hook in hooks:
             hook.remove()
-    layers = []
-    for i, mixer in enumerate(mixers):
-        p = mixer.ssm_params(seen[i])  # the scan's layout: dt (1, d_inner, l), B and C (1, n, l)
-        delta = rearrange(F.softplus(p["dt"].float() + p["dt_bias"][:, None])[0], "d l -> l d")  # as the scan does
-        B, C = (rearrange(p[k][0].float(), "n l -> l n") if mixer.selective[k] else p[k].detach().float()
-                for k in ("B", "C"))
-        step = delta if p["A_scale"] is None else delta * rearrange(p["A_scale"][0], "d l -> l d")
-        layers.append({"delta": delta, "B": B, "C": C, "A": p["A"], "decay_step": step,
-                       "fixed": [k for k in ("B", "C") if not mixer.selective[k]]})
-    return layers
+    return [(_mamba2_numbers if isinstance(m, Mamba2Mixer) else _mamba1_numbers)(m, seen[i, "act"], seen[i, "in_proj"])
+            for i, m in enumerate(mixers)]
+
+
+def _mamba1_numbers(mixer, u, _):
+    p = mixer.ssm_params(u)  # u (1, d_inner, l); the scan's layout: dt (1, d_inner, l), B and C (1, n, l)
+    delta = rearrange(F.softplus(p["dt"].float() + p["dt_bias"][:, None])[0], "d l -> l d")  # as the scan does
+    B, C = (rearrange(p[k][0].float(), "n l -> l n") if mixer.selective[k] else p[k].detach().float()
+            for k in ("B", "C"))
+    step = delta if p["A_scale"] is None else delta * rearrange(p["A_scale"][0], "d l -> l d")
+    return {"delta": delta, "B": B, "C": C, "A": p["A"], "decay_step": step,
+            "fixed": [k for k in ("B", "C") if not mixer.selective[k]]}
+
+
+def _mamba2_numbers(mixer, xBC, projected):
+    delta = mixer._step_size(projected[0, :, -mixer.nheads:])                  # (l, heads), as forward computes it
+    _, B, C = mixer._split(rearrange(xBC[0], "c l -> l c"))                   # (l, g, n) each
+    return {"delta": delta, "B": rearrange(B, "l g n -> l (g n)"), "C": rearrange(C, "l g n -> l (g n)"),
+            "A": -torch.exp(mixer.A_log.float())[:, None], "decay_step": delta, "fixed": []}
 
 
 def per_token(layers):
@@ -185,7 +198,7 @@ def draw(cells, stats, path, title):
             bright = (d - low) / max(high - low, 1e-12) > 0.6  # dark ink on the light end of the colour map
             heat.text(c, r, cell, ha="center", va="center", fontsize=7 if len(cell) == 1 else 5,
                       family="DejaVu Sans Mono", color="black" if bright else "white", parse_math=False)
-        heat.set(xticks=[], yticks=[], title=f"layer {i}: Δ averaged over channels, per token")
+        heat.set(xticks=[], yticks=[], title=f"layer {i}: Δ averaged over channels (Mamba-2: heads), per token")
         fig.colorbar(image, ax=heat, fraction=0.03, pad=0.01, label="mean Δ")
         t = range(len(cells))
         lines.plot(t, s["B_norm"].numpy(), lw=1, label="|B_t|: how strongly the token is written into the state")
@@ -206,8 +219,6 @@ def look_inside(ckpt, text=None, ids=None, out="delta.png", json_path=None, max_
     training length) through the model, write the PNG (and the JSON), print the summary to file (None: stdout).
     Returns {"ids", "labels", "layers": capture()'s list, "stats": per_token()'s list, "summary"}."""
     model, tokenizer, ckpt_dict = load_checkpoint(ckpt)
-    if model.config.layer != "mamba1":
-        die(f"{ckpt}: a {model.config.layer} model; look_inside.py draws Mamba-1's Δ, B and C only")
     if task_example is not None:
         data = ckpt_dict["config"]["data"]
         if data.get("task", "none") == "none":

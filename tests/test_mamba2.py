@@ -126,9 +126,9 @@ def test_impossible_head_sizes_are_refused_by_name():
         MambaConfig(d_model=64, layer="mamba2", headdim=16, ngroups=3)
 
 
-def test_the_trainer_trains_a_mamba2_model(tmp_path, capsys, one_line_error):
+def test_the_trainer_trains_a_mamba2_model(tmp_path, capsys):
     """The same trainer, nothing Mamba-2-specific in it: the loss of a tiny run falls; the checkpoint samples,
-    exports to transformers' Mamba2 layout with the same logits, and look_inside.py (Mamba-1 only) says so."""
+    exports to transformers' Mamba2 layout with the same logits, and look_inside.py reads its Δ per head."""
     data = DataConfig(task="selective_copying", task_vocab=5, task_tokens=2)
     cfg = TrainConfig(out_dir=str(tmp_path / "m2"), device="cpu", batch_size=16, seq_len=16, max_steps=30, lr=1e-2,
                       min_lr=1e-3, warmup_steps=5, eval_interval=30, eval_batches=2, ckpt_interval=30)
@@ -144,7 +144,10 @@ def test_the_trainer_trains_a_mamba2_model(tmp_path, capsys, one_line_error):
     with torch.no_grad():
         theirs = Mamba2ForCausalLM.from_pretrained(tmp_path / "hf").eval()(ids).logits
         torch.testing.assert_close(theirs, model(ids), rtol=1e-4, atol=1e-5)
-    capsys.readouterr()
-    with pytest.raises(SystemExit):
-        look_inside(tmp_path / "m2" / "ckpt.pt", ids=[0, 1])
-    assert "draws Mamba-1's Δ, B and C" in one_line_error()
+    # look_inside.py: Δ per head, the one forward computes, recomputed here from the first layer's input
+    result = look_inside(tmp_path / "m2" / "ckpt.pt", ids=ids[0].tolist(), out=tmp_path / "delta.png")
+    layer = model.backbone.layers[0]
+    with torch.no_grad():
+        dt = layer.mixer.in_proj(layer.norm(model.backbone._embed(ids)))[0, :, -layer.mixer.nheads:]
+    torch.testing.assert_close(result["layers"][0]["delta"], torch.nn.functional.softplus(dt + layer.mixer.dt_bias))
+    assert result["layers"][0]["delta"].shape == (7, layer.mixer.nheads) and (tmp_path / "delta.png").is_file()
