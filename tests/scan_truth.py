@@ -1,4 +1,4 @@
-"""The independent float64 truth and the helpers the selective-scan tests share.
+"""The independent float64 truth and the helpers the scan tests share (selective scan; AllocatedBytes for ssd too).
 
 truth is the recurrence as the paper writes it, one timestep at a time in float64, written without
 selective_scan.py's code; the test files check selective_scan_ref and selective_scan_fn against it
@@ -8,6 +8,7 @@ the scans and B/C layouts the tests run over (SCANS, LAYOUTS, LAYOUT_IDS). Not a
 collects nothing here, and the test files import it as `scan_truth` (tests/ is on sys.path under pytest).
 """
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from selective_scan import selective_scan_fn, selective_scan_ref
 
@@ -114,3 +115,19 @@ def grads_of(scan, kw, gy, gh):
     # C (and D, z) do not reach the last state: a None gradient becomes zeros
     return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True,
                                                 materialize_grads=True)))
+
+
+class AllocatedBytes(TorchDispatchMode):
+    """Sums the sizes of the tensors that ops return fresh (not views, not in-place, not out=)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for ret, o in zip(func._schema.returns, outs):
+            if isinstance(o, torch.Tensor) and ret.alias_info is None:
+                self.total += o.untyped_storage().nbytes()
+        return out

@@ -5,8 +5,8 @@ Behavioural measures, not timings, so they hold on any machine.
 import math
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from scan_truth import AllocatedBytes
 from selective_scan import selective_scan_fn, selective_scan_ref
 
 # ---- memory grows linearly with l --------------------------------------------------------------------------
@@ -16,22 +16,6 @@ from selective_scan import selective_scan_fn, selective_scan_ref
 #   allocated: bytes of every fresh tensor created while backward runs (a dispatch mode sees every op).
 # Linear memory gives a ratio of ~4 between l = 2048 and l = 512; a quadratic term gives ~16. The
 # controls below run two quadratic implementations through the same measures to show they would fail.
-
-class AllocatedBytes(TorchDispatchMode):
-    """Sums the sizes of the tensors that ops return fresh (not views, not in-place, not out=)."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        for ret, o in zip(func._schema.returns, outs):
-            if isinstance(o, torch.Tensor) and ret.alias_info is None:
-                self.total += o.untyped_storage().nbytes()
-        return out
-
 
 def memory_of(scan, l, b=1, d=8, n=4):
     """(saved bytes, bytes allocated by backward) for one forward + backward at length l."""

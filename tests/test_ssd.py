@@ -4,8 +4,8 @@ and gradcheck); extreme Δ and A without NaN; two pieces from the last state equ
 update; memory that grows linearly with the length."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from scan_truth import AllocatedBytes
 from ssd import ssd_chunked, ssd_ref, ssd_state_update
 
 
@@ -131,21 +131,6 @@ def test_bad_shapes_are_named():
     kw = inputs()
     with pytest.raises(ValueError, match=r"initial_states must be \(b, h, p, n\) = \(2, 4, 3, 5\)"):
         ssd_ref(**(kw | {"initial_states": torch.zeros(2, 4, 5, 3)}))
-
-
-class AllocatedBytes(TorchDispatchMode):
-    """Bytes of every fresh tensor that an op returns (views and in-place results excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for ret, o in zip(func._schema.returns, out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(o, torch.Tensor) and ret.alias_info is None:
-                self.total += o.untyped_storage().nbytes()
-        return out
 
 
 def test_memory_grows_linearly_with_the_length():
