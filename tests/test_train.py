@@ -271,3 +271,16 @@ def test_ctrl_c_in_main_saves_and_exits_130_then_resume_finishes(corpus, tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at step {step}" in resumed.stdout
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step + 2
+
+
+def test_compile_trains_like_eager(corpus, tmp_path):
+    """[training] compile = true on the CPU (torch.compile of the model, the scan's own backward included):
+    the same validation losses as the eager run, to float tolerance. Slow (compilation), but the path must run."""
+    eager = read_log_losses(tmp_path / "eager", corpus, compile=False)
+    compiled = read_log_losses(tmp_path / "compiled", corpus, compile=True)
+    assert compiled == pytest.approx(eager, rel=1e-4) and eager[-1] < eager[0]
+
+
+def read_log_losses(out, corpus, compile):
+    train_run(tiny_model(), corpus, tiny_train(out, max_steps=4, eval_interval=2, compile=compile))
+    return [float(row["val_loss"]) for row in read_log(out)]
