@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from causal_conv import causal_conv1d, causal_conv1d_step
 from ssd import ssd_chunked, ssd_state_update
 
 
@@ -97,17 +98,10 @@ class Mamba2Mixer(nn.Module):
         """hidden (b, l, d_model) -> (b, l, d_model). With cache = (conv_state (b, conv_dim, d_conv), ssm_state
         (b, h, p, n)), continues from them and leaves there those after the last position. mask (b, l): 1 on
         tokens, 0 on left padding, which never enters the conv window or the state."""
-        l = hidden.shape[1]
         z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         keep = None if mask is None else mask[..., None].to(xBC.dtype)                # (b, l, 1)
         xBC = rearrange(xBC if keep is None else xBC * keep, "b l c -> b c l")
-        if cache is None:
-            xBC = self.act(self.conv1d(xBC)[..., :l])  # causal: the first l outputs only see the past
-        else:
-            conv_state, ssm_state = cache
-            window = torch.cat((conv_state[..., 1:].to(xBC.dtype), xBC), dim=-1)      # the d_conv - 1 before
-            conv_state.copy_(window[..., -self.d_conv:])
-            xBC = self.act(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
+        xBC = self.act(causal_conv1d(xBC, self.conv1d, None if cache is None else cache[0]))
         x, B, C = self._split(rearrange(xBC, "b c l -> b l c"))
         delta = self._step_size(dt)
         if keep is not None:  # Δ = 0 on padding: the state passes through unchanged
@@ -116,17 +110,13 @@ class Mamba2Mixer(nn.Module):
                         else cache[1], return_final_states=cache is not None, chunk_size=self.chunk_size)
         if cache is not None:
             y, last_state = y
-            ssm_state.copy_(last_state)
+            cache[1].copy_(last_state)
         return self.out_proj(self.norm(rearrange(y, "b l h p -> b l (h p)"), z))
 
     def step(self, hidden, conv_state, ssm_state):
         """One token, hidden (b, d_model) -> (b, d_model), constant cost; updates conv_state and ssm_state in place."""
         z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        conv_state.copy_(torch.cat((conv_state[:, :, 1:], xBC.unsqueeze(-1)), dim=-1))
-        xBC = (conv_state * rearrange(self.conv1d.weight, "c 1 k -> c k")).sum(-1)
-        if self.conv1d.bias is not None:
-            xBC = xBC + self.conv1d.bias
-        x, B, C = self._split(self.act(xBC))
+        x, B, C = self._split(self.act(causal_conv1d_step(xBC, self.conv1d, conv_state)))
         new_state, y = ssd_state_update(ssm_state, x, self._step_size(dt), -torch.exp(self.A_log.float()), B, C,
                                         self.D)
         ssm_state.copy_(new_state)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import checkpoint
+from causal_conv import causal_conv1d, causal_conv1d_step
 from config import NON_NEGATIVE, POSITIVE, check_fields, must, option
 from mamba2 import Mamba2Mixer
 from sampling import Generation, check_left_padding
@@ -262,19 +263,11 @@ class MambaMixer(nn.Module):
         last d_conv conv inputs (b, d_inner, d_conv) and the state h_0 (b, d_inner, n)) and leaves there those after
         the last position, so a sequence read in pieces gives what one pass gives. mask (b, l): 1 on tokens, 0 on
         left padding, which never enters the conv window or the state."""
-        l = hidden.shape[1]
         x, z = rearrange(self.in_proj(hidden), "b l (two d) -> two b d l", two=2)     # (b, d_inner, l) each
         keep = None if mask is None else mask[:, None, :].to(x.dtype)                # (b, 1, l)
         if keep is not None:
             x = x * keep  # padding as zeros: what the conv window holds before a sequence's first token
-        if cache is None:
-            # padding = d_conv - 1 on both sides; the first l outputs only see the past: the conv is causal.
-            u = self.act(self.conv1d(x)[..., :l])                                   # (b, d_inner, l)
-        else:
-            conv_state, ssm_state = cache
-            window = torch.cat((conv_state[..., 1:].to(x.dtype), x), dim=-1)       # the d_conv - 1 inputs before x
-            conv_state.copy_(window[..., -self.d_conv:])
-            u = self.act(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
+        u = self.act(causal_conv1d(x, self.conv1d, None if cache is None else cache[0]))    # (b, d_inner, l)
         p = self.ssm_params(u)
         dt, dt_bias = p["dt"], p["dt_bias"]
         if keep is not None:  # Δ = 0 on padding: exp(0 A) = 1 and no input, the state passes through unchanged
@@ -284,7 +277,7 @@ class MambaMixer(nn.Module):
                       initial_state=None if cache is None else cache[1])
         if cache is not None:
             y, last_state = y
-            ssm_state.copy_(last_state)
+            cache[1].copy_(last_state)
         return self.out_proj(rearrange(y, "b d l -> b l d"))
 
     def state_shapes(self):
@@ -295,12 +288,7 @@ class MambaMixer(nn.Module):
         """One token, hidden (b, d_model) -> (b, d_model): the recurrence h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,
         constant cost per token. Updates conv_state (b, d_inner, d_conv) and ssm_state (b, d_inner, n) in place."""
         x, z = self.in_proj(hidden).chunk(2, dim=-1)                             # (b, d_inner) each
-        # Slide the window one step and append x: the conv's output for this token is the window · filter.
-        conv_state.copy_(torch.cat((conv_state[:, :, 1:], x.unsqueeze(-1)), dim=-1))
-        u = (conv_state * rearrange(self.conv1d.weight, "d 1 k -> d k")).sum(-1)
-        if self.conv1d.bias is not None:
-            u = u + self.conv1d.bias
-        u = self.act(u)
+        u = self.act(causal_conv1d_step(x, self.conv1d, conv_state))          # the window · the filter
         p = self.ssm_params(u)
         # selective: (b, n) as the official kernel takes them; fixed: (1, d_inner, n)
         B, C = (p[k] if self.selective[k] else p[k][None] for k in ("B", "C"))
