@@ -219,6 +219,8 @@ def look_inside(ckpt, text=None, ids=None, out="delta.png", json_path=None, max_
     training length) through the model, write the PNG (and the JSON), print the summary to file (None: stdout).
     Returns {"ids", "labels", "layers": capture()'s list, "stats": per_token()'s list, "summary"}."""
     model, tokenizer, ckpt_dict = load_checkpoint(ckpt)
+    if model.config.layer == "transformer":
+        die(f"{ckpt} is the Transformer baseline, which has no step size Δ to show; give a Mamba checkpoint")
     if task_example is not None:
         data = ckpt_dict["config"]["data"]
         if data.get("task", "none") == "none":

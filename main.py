@@ -23,8 +23,8 @@ import tasks
 from cli import die
 from config import ConfigError, config_text, load
 from data import Batches, DataConfig, DataError, load_dataset
-from model import MambaConfig, MambaLM
-from pretrained import PretrainedError, read_config, read_tokenizer, resolve
+from model import MambaConfig
+from pretrained import PretrainedError, build_model, read_config, read_tokenizer, resolve
 from tokenizer import TaskTokenizer
 from train import Run, TrainConfig, train
 
@@ -77,7 +77,7 @@ def prepare(model_cfg: MambaConfig, data_cfg: DataConfig, train_cfg: TrainConfig
     checkpoint has newer ones)."""
     configs, tokenizer, batches, pretrained_dir = resolve_run(model_cfg, data_cfg, train_cfg)
     torch.manual_seed(train_cfg.seed)
-    model = MambaLM(configs["model"])
+    model = build_model(configs["model"])
     if pretrained_dir is not None and not resume:
         model.load_pretrained_weights(pretrained_dir)
     return Run(model, tokenizer, batches, configs)

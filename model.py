@@ -42,12 +42,13 @@ class MambaConfig:
     """The architecture ([model] in config.ini); names and defaults follow the official `Mamba` block and
     `MambaLMHeadModel`, sizes default to this repository's default model. How to train it is TrainConfig's."""
     d_model: int = option(256, "width of the residual stream (D in the paper)", POSITIVE)
-    n_layer: int = option(4, "number of Mamba blocks", POSITIVE)
+    n_layer: int = option(4, "number of blocks (Mamba or Transformer)", POSITIVE)
     vocab_size: int = option(256, "token ids the model reads and predicts; the tokenizer decides it", POSITIVE,
                              derived=True)
     d_state: int = option(16, "SSM state size per channel (N in the paper)", POSITIVE)
     d_conv: int = option(4, "kernel width of the causal depthwise convolution", POSITIVE)
-    expand: int = option(2, "expansion factor: d_inner = expand * d_model (E in the paper)", POSITIVE)
+    expand: int = option(2, "expansion factor: d_inner = expand * d_model (E in the paper); "
+                                    "transformer: its MLP's width", POSITIVE)
     dt_rank: int | str = option("auto", 'rank of the projection producing Δ; "auto" means ceil(d_model / 16)',
                                 DT_RANK)
     dt_min: float = option(0.001, "smallest initial step size Δ (log-uniform in [dt_min, dt_max])", POSITIVE)
@@ -67,13 +68,18 @@ class MambaConfig:
     selective_A: bool = option(False, "A depends on the input too, A_t = A * softplus(A_proj(u_t)) per channel "
                                       "(the paper's untested hypothesis; not in the official model)")
     scan: Literal["fast", "ref"] = option("fast", 'scan for whole sequences: "fast" (parallel) or "ref" (loop)')
-    # The block: Mamba-1's (the fields above) or Mamba-2's (mamba2.py), which reads these three and ignores
-    # dt_rank, dt_scale, the selectivity switches and scan. Its official d_state is 128.
-    layer: Literal["mamba1", "mamba2"] = option("mamba1", "the block: mamba1 (selective scan) or mamba2 (SSD, one "
-                                                          "A per head, mamba2.py)")
+    gate: bool = option(True, "mamba1: out_proj(y * silu(z)); off: out_proj(y), no z branch (Table 1's "
+                              '"no gate" architecture)')
+    # The block: Mamba-1's (the fields above), Mamba-2's (mamba2.py), which reads the next three and ignores
+    # dt_rank, dt_scale, the selectivity switches, gate and scan (its official d_state is 128), or the
+    # Transformer baseline's (transformer.py), which reads the sizes, n_head and expand (its MLP's width).
+    layer: Literal["mamba1", "mamba2", "transformer"] = option(
+        "mamba1", "the block: mamba1 (selective scan), mamba2 (SSD, one A per head, mamba2.py) or transformer "
+                  "(attention + MLP, transformer.py)")
     headdim: int = option(64, "mamba2: channels per head (d_inner / headdim heads)", POSITIVE)
     ngroups: int = option(1, "mamba2: groups of heads that share B and C", POSITIVE)
     chunk_size: int = option(256, "mamba2: steps per chunk of the SSD algorithm", POSITIVE)
+    n_head: int = option(4, "transformer: attention heads, d_model / n_head channels each", POSITIVE)
 
     def __post_init__(self):
         check_fields(self)
@@ -82,6 +88,9 @@ class MambaConfig:
             must(self, "headdim", self.d_inner % self.headdim == 0, f"a divisor of d_inner = {self.d_inner}")
             must(self, "ngroups", self.d_inner // self.headdim % self.ngroups == 0,
                  f"a divisor of the {self.d_inner // self.headdim} heads")
+        if self.layer == "transformer":  # RoPE turns pairs of channels: heads of an even width
+            must(self, "n_head", self.d_model % self.n_head == 0 and self.d_model // self.n_head % 2 == 0,
+                 f"a divisor of d_model = {self.d_model} leaving an even number of channels per head")
 
     @property
     def d_inner(self) -> int:
@@ -111,7 +120,7 @@ def param_count(config: MambaConfig) -> int:
     """Number of parameters of MambaLM(config), the tied embedding counted once."""
     d, di, n, r, k = config.d_model, config.d_inner, config.d_state, config.dt_rank_value, config.d_conv
     c = config
-    mixer = (d * 2 * di                                              # in_proj
+    mixer = (d * (1 + c.gate) * di                                   # in_proj
              + di * k                                                # conv1d (one length-k filter per channel)
              + di * (r * c.selective_delta + n * c.selective_B + n * c.selective_C + r * c.selective_A)  # x_proj
              + r * di * c.selective_delta + di                       # dt_proj with its bias, or dt_bias alone
@@ -119,7 +128,7 @@ def param_count(config: MambaConfig) -> int:
              + (r * di + di) * c.selective_A                         # A_proj with its bias
              + di * n + di                                           # A_log, D
              + di * d)                                               # out_proj
-    mixer += (2 * di + d) * config.bias + di * config.conv_bias
+    mixer += ((1 + c.gate) * di + d) * config.bias + di * config.conv_bias
     if config.layer == "mamba2":  # in_proj to z, x, B, C, dt; conv over x, B, C; dt_bias, A_log, D per head; norm
         h, conv = di // config.headdim, di + 2 * config.ngroups * n
         mixer = (d * (di + conv + h) + conv * k + 3 * h + di + di * d
@@ -161,7 +170,7 @@ class MambaMixer(nn.Module):
         u = silu(causal_depthwise_conv1d(x))         local mixing along time
         dt, B, C = x_proj(u);  Δ = softplus(dt_proj(dt))      the selection: Δ, B, C depend on the input
         h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t;  y_t = C_t h_t + D u_t     (selective scan)
-        out = out_proj(y * silu(z))
+        out = out_proj(y * silu(z))                  (gate = false: out_proj(y), and in_proj makes no z)
 
     The selectivity switches of the config (ablations, paper Table 7) replace an input-dependent parameter by a
     learned constant: Δ by softplus(dt_bias) per channel, B or C by a (d_inner, n) matrix. With selective_A, A gets
@@ -173,7 +182,8 @@ class MambaMixer(nn.Module):
         self.d_inner, self.d_state, self.d_conv = config.d_inner, config.d_state, config.d_conv
         self.dt_rank = config.dt_rank_value
         self.scan = selective_scan_fn if config.scan == "fast" else selective_scan_ref
-        self.in_proj = nn.Linear(config.d_model, 2 * self.d_inner, bias=config.bias)
+        self.gate = config.gate
+        self.in_proj = nn.Linear(config.d_model, (1 + self.gate) * self.d_inner, bias=config.bias)  # x (and z)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, config.d_conv, groups=self.d_inner,
                                 padding=config.d_conv - 1, bias=config.conv_bias)
         self.act = nn.SiLU()  # a module (as in the official block) so that tools can hook u, the scan's input
@@ -263,7 +273,7 @@ class MambaMixer(nn.Module):
         last d_conv conv inputs (b, d_inner, d_conv) and the state h_0 (b, d_inner, n)) and leaves there those after
         the last position, so a sequence read in pieces gives what one pass gives. mask (b, l): 1 on tokens, 0 on
         left padding, which never enters the conv window or the state."""
-        x, z = rearrange(self.in_proj(hidden), "b l (two d) -> two b d l", two=2)     # (b, d_inner, l) each
+        x, z = self._branches(rearrange(self.in_proj(hidden), "b l d -> b d l"), 1)    # (b, d_inner, l) each
         keep = None if mask is None else mask[:, None, :].to(x.dtype)                # (b, 1, l)
         if keep is not None:
             x = x * keep  # padding as zeros: what the conv window holds before a sequence's first token
@@ -280,6 +290,10 @@ class MambaMixer(nn.Module):
             cache[1].copy_(last_state)
         return self.out_proj(rearrange(y, "b d l -> b l d"))
 
+    def _branches(self, projected, dim):
+        """in_proj's output, (1 + gate) d_inner wide along dim -> x, z; z is None without the gate."""
+        return projected.chunk(2, dim=dim) if self.gate else (projected, None)
+
     def state_shapes(self):
         """The shapes of one sequence's (conv window, SSM state)."""
         return (self.d_inner, self.d_conv), (self.d_inner, self.d_state)
@@ -287,7 +301,7 @@ class MambaMixer(nn.Module):
     def step(self, hidden, conv_state, ssm_state):
         """One token, hidden (b, d_model) -> (b, d_model): the recurrence h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,
         constant cost per token. Updates conv_state (b, d_inner, d_conv) and ssm_state (b, d_inner, n) in place."""
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)                             # (b, d_inner) each
+        x, z = self._branches(self.in_proj(hidden), -1)                          # (b, d_inner) each
         u = self.act(causal_conv1d_step(x, self.conv1d, conv_state))          # the window · the filter
         p = self.ssm_params(u)
         # selective: (b, n) as the official kernel takes them; fixed: (1, d_inner, n)

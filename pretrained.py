@@ -17,17 +17,24 @@ from checkpoint import PretrainedError, read_checkpoint, resolve
 from cli import die
 from model import MambaConfig, MambaLM, pretrained_config
 from tokenizer import HFTokenizer, Tokenizer
+from transformer import TransformerLM
 
 TOKENIZER_STATE = "baby_mamba_tokenizer.json"  # a byte/char tokenizer's state, written by export
 
 read_config = pretrained_config  # the MambaConfig of a published directory
 
 
+def build_model(config: MambaConfig):
+    """The language model [model] describes: the Transformer baseline for layer = transformer, else Mamba
+    (MambaLM, whose Block picks the Mamba-1 or Mamba-2 mixer)."""
+    return TransformerLM(config) if config.layer == "transformer" else MambaLM(config)
+
+
 def load_checkpoint(path, map_location="cpu"):
     """(model in eval mode on ``map_location``, tokenizer, checkpoint dict) from a file written by train.py;
     exits with one line when the file is not one."""
     ckpt = read_checkpoint(path)
-    model = MambaLM(MambaConfig(**ckpt["config"]["model"]))
+    model = build_model(MambaConfig(**ckpt["config"]["model"]))
     model.load_state_dict(ckpt["model"])
     return model.to(map_location).eval(), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
 
@@ -66,11 +73,28 @@ def load_model(ckpt=None, pretrained=None, device="cpu"):
         die(f"--pretrained {e}")
 
 
+def _not_in_published_layout(config: MambaConfig) -> str:
+    """What of this architecture transformers' Mamba and Mamba2 lack ("" when nothing)."""
+    if config.layer == "transformer":
+        return "it is the Transformer baseline ([model] layer = transformer)"
+    if config.layer == "mamba1":
+        changed = [f"{key} = {str(getattr(config, key)).lower()}" for key in
+                   ("selective_delta", "selective_B", "selective_C", "gate") if not getattr(config, key)]
+        changed += ["selective_A = true"] if config.selective_A else []
+        if changed:
+            return f"its [model] has {', '.join(changed)}"
+    return ""
+
+
 def export(ckpt_path, out_dir) -> None:
     """A training checkpoint -> out_dir in the Hugging Face layout, with its tokenizer: tokenizer.json
     for a model fine-tuned from one, else baby_mamba_tokenizer.json (a byte or char tokenizer is no
     Hugging Face tokenizer; generate.py --pretrained and init_from read that file)."""
     model, tokenizer, ckpt = load_checkpoint(ckpt_path)
+    unpublishable = _not_in_published_layout(model.config)
+    if unpublishable:
+        die(f"{ckpt_path}: {unpublishable}, which the Hugging Face Mamba layouts "
+            "cannot describe; only models of the published architecture can be exported")
     weights = model.save_pretrained(out_dir)
     state = tokenizer.state_dict()
     if state["kind"] == "hf":

@@ -18,6 +18,7 @@ import look_inside
 from model import MambaConfig, MambaLM
 from pretrained import load_checkpoint
 from tokenizer import ByteTokenizer
+from transformer import TransformerLM
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
@@ -34,12 +35,16 @@ def ckpt(tmp_path_factory):
     with torch.no_grad():  # spread Δ over a wide range, so a mistake in the bias or the softplus would show
         for layer in model.backbone.layers:
             layer.mixer.dt_proj.weight.mul_(30)
-    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
+    return save_untrained(model, tmp_path_factory.mktemp("ckpt") / "ckpt.pt")
+
+
+def save_untrained(model, path):
+    """model saved as train.py saves a checkpoint (the keys load_checkpoint reads, and the rest); returns path."""
     checkpoint.save_checkpoint({  # an empty optimizer state: building AdamW costs seconds and nothing here reads it
         "format": checkpoint.CKPT_FORMAT, "step": 0, "model": model.state_dict(), "optimizer": {},
         "rng": {"torch": torch.get_rng_state(), "cuda": None}, "data_rng": [torch.Generator().get_state()],
-        "config": {"model": asdict(config), "data": {}, "training": {}}, "tokenizer": ByteTokenizer().state_dict(),
-        "metrics": {}}, path)
+        "config": {"model": asdict(model.config), "data": {}, "training": {}},
+        "tokenizer": ByteTokenizer().state_dict(), "metrics": {}}, path)
     return path
 
 
@@ -142,6 +147,15 @@ def test_bad_input_stops_with_one_line(ckpt, tmp_path, capsys):
         assert stop.value.code == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "x.png").exists()
+
+
+def test_a_transformer_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    model = TransformerLM(MambaConfig(layer="transformer", d_model=32, n_layer=1, n_head=2, vocab_size=256))
+    path = save_untrained(model, tmp_path / "ckpt.pt")
+    with pytest.raises(SystemExit) as stop:
+        look_inside.main(["--ckpt", str(path), "--out", str(tmp_path / "x.png"), "--text", "abc"])
+    assert stop.value.code == 2 and "no step size Δ to show" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_task_example_with_ablation_switches(tmp_path, capsys):

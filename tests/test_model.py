@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from model import MambaConfig, MambaLM, param_count
 from models import VOCAB, random_ids, small_model
+from selective_scan import selective_scan_ref
 
 # ---- causality and recurrent decoding ------------------------------------------------------------------------
 
@@ -222,6 +223,8 @@ ABLATIONS = {
     "fixed-B": dict(selective_B=False),
     "fixed-C": dict(selective_C=False),
     "selective-A": dict(selective_A=True),
+    "no-gate": dict(gate=False),
+    "no-gate-lti": dict(gate=False, selective_delta=False, selective_B=False, selective_C=False),
     "A-instead-of-delta": dict(selective_A=True, selective_delta=False),
 }
 
@@ -268,6 +271,21 @@ def test_switches_add_and_remove_the_right_parameters():
     assert {named[id(p)] for p in decay["params"]} == {"in_proj.weight", "x_proj.weight", "A_proj.weight",
                                                        "out_proj.weight"}
     assert {"B", "C", "dt_bias", "A_proj.bias"} <= {named[id(p)] for p in no_decay["params"]}
+
+
+def test_without_the_gate_the_block_is_out_proj_of_the_ssm_alone():
+    """gate = false (Table 1's "no gate"): in_proj makes x only, and the block's output is out_proj(y) with y the
+    scan of the conv branch, no silu(z) factor; checked against the reference scan called here."""
+    mixer = perturbed(small_model(gate=False)).backbone.layers[0].mixer
+    assert mixer.in_proj.out_features == mixer.d_inner
+    hidden = torch.randn(2, 11, 32)
+    with torch.no_grad():
+        x = mixer.in_proj(hidden).transpose(1, 2)
+        u = F.silu(mixer.conv1d(x)[..., :11])
+        p = mixer.ssm_params(u)
+        y = selective_scan_ref(u, p["dt"], p["A"], p["B"], p["C"], mixer.D, delta_bias=p["dt_bias"],
+                               delta_softplus=True)
+        torch.testing.assert_close(mixer(hidden), mixer.out_proj(y.transpose(1, 2)), rtol=1e-5, atol=1e-6)
 
 
 def test_time_invariant_mixer_is_the_s4_convolution():

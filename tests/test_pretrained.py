@@ -374,3 +374,15 @@ def test_byte_checkpoint_exports_generates_and_fine_tunes(tmp_path):
     assert math.isclose(first, second, rel_tol=1e-6)  # b started where a ended
     assert tuned["params"] == model.num_params()
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["config"]["model"]["scan"] == "ref"
+
+
+@pytest.mark.parametrize("model, words", [
+    (dict(layer="transformer", n_head=2), "it is the Transformer baseline ([model] layer = transformer)"),
+    (dict(gate=False, selective_B=False), "its [model] has selective_B = false, gate = false")])
+def test_export_refuses_what_the_published_layouts_cannot_describe(model, words, tmp_path):
+    (tmp_path / "corpus.txt").write_text(CORPUS, encoding="utf-8")
+    data = DataConfig(source=str(tmp_path / "corpus.txt"), cache_dir=str(tmp_path / "cache"), val_fraction=0.1)
+    train_run(MambaConfig(d_model=32, n_layer=2, **model), data, tiny_train(tmp_path / "a", 1))
+    result = run_script("pretrained.py", "export", "--ckpt", tmp_path / "a" / "ckpt.pt", "--out", tmp_path / "export")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and words in result.stderr, result.stderr
+    assert not (tmp_path / "export").exists()

@@ -43,8 +43,13 @@ def corpus(tmp_path_factory):
     return DataConfig(source=str(folder / "corpus.txt"), cache_dir=str(folder / "cache"), val_fraction=0.1)
 
 
-def tiny_model() -> MambaConfig:
-    return MambaConfig(d_model=32, n_layer=2, vocab_size=256)
+# The trainer trains whatever [model] builds; each feature test runs on both kinds of sequence model.
+LAYERS = {"mamba1": "", "transformer": "layer = transformer\nn_head = 2\n"}
+
+
+def tiny_model(layer="mamba1") -> MambaConfig:
+    heads = {} if layer == "mamba1" else {"n_head": 2}
+    return MambaConfig(d_model=32, n_layer=2, vocab_size=256, layer=layer, **heads)
 
 
 def tiny_train(out_dir, **overrides) -> TrainConfig:
@@ -58,9 +63,10 @@ def read_log(out_dir) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_training_lowers_the_loss_and_writes_its_files(corpus, tmp_path):
+@pytest.mark.parametrize("layer", LAYERS)
+def test_training_lowers_the_loss_and_writes_its_files(corpus, tmp_path, layer):
     out = tmp_path / "run"
-    metrics = train_run(tiny_model(), corpus, tiny_train(out, max_steps=40, eval_interval=20))
+    metrics = train_run(tiny_model(layer), corpus, tiny_train(out, max_steps=40, eval_interval=20))
     rows = read_log(out)
     assert [int(r["step"]) for r in rows] == [0, 20, 40]
     assert list(rows[0]) == ["step", "train_loss", "val_loss", "val_bits_per_byte", "val_ppl", "val_accuracy", "lr",
@@ -80,7 +86,7 @@ def test_training_lowers_the_loss_and_writes_its_files(corpus, tmp_path):
     loaded = config.load(str(out / "config.ini"), main.SECTIONS)  # the resolved config reads back
     model_cfg, data_cfg, train_cfg = (loaded.build(section) for section in main.SECTIONS)
     assert data_cfg == corpus and train_cfg == tiny_train(out, max_steps=40, eval_interval=20)
-    assert model_cfg == tiny_model()
+    assert model_cfg == tiny_model(layer)
 
     # Independent check of the logged number: the loaded checkpoint's plain cross-entropy on the same batches.
     model, tokenizer, _ = load_checkpoint(out / "ckpt.pt")
@@ -91,9 +97,11 @@ def test_training_lowers_the_loss_and_writes_its_files(corpus, tmp_path):
     assert math.isclose(sum(losses) / len(losses), last, rel_tol=1e-5)
 
 
-def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run_exactly(corpus, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("layer", LAYERS)
+def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run_exactly(corpus, tmp_path, monkeypatch, capsys,
+                                                                              layer):
     straight = tmp_path / "straight"
-    train_run(tiny_model(), corpus, tiny_train(straight, grad_accum=2))
+    train_run(tiny_model(layer), corpus, tiny_train(straight, grad_accum=2))
 
     # A real SIGINT in the middle of step 6 (index 5): the step finishes, is saved, and the run exits 130.
     lr_at = train.lr_at
@@ -106,14 +114,14 @@ def test_resume_after_an_interrupt_reproduces_the_uninterrupted_run_exactly(corp
     resumed = tmp_path / "resumed"
     monkeypatch.setattr(train, "lr_at", lr_at_with_ctrl_c)
     with pytest.raises(SystemExit) as stop:
-        train_run(tiny_model(), corpus, tiny_train(resumed, grad_accum=2))
+        train_run(tiny_model(layer), corpus, tiny_train(resumed, grad_accum=2))
     assert stop.value.code == 130 and "interrupted: saved step 6" in capsys.readouterr().err
     assert torch.load(resumed / "ckpt.pt", weights_only=True)["step"] == 6
     assert [r["step"] for r in read_log(resumed)] == ["0", "4"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     monkeypatch.setattr(train, "lr_at", lr_at)
 
-    train_run(tiny_model(), corpus, tiny_train(resumed, grad_accum=2), resume=True)
+    train_run(tiny_model(layer), corpus, tiny_train(resumed, grad_accum=2), resume=True)
     columns = ("step", "train_loss", "val_loss", "val_bits_per_byte", "lr")
     expected = [[row[c] for c in columns] for row in read_log(straight)]
     assert [[row[c] for c in columns] for row in read_log(resumed)] == expected  # the same floats, bit for bit
@@ -226,17 +234,18 @@ def test_task_evaluation_counts_only_the_answers():
     assert accuracy == pytest.approx((logits.argmax(-1) == answers).float().mean().item())
 
 
-def write_ini(path, corpus, out_dir, **training):
+def write_ini(path, corpus, out_dir, layer="mamba1", **training):
     settings = {"out_dir": out_dir, "device": "cpu", "batch_size": 4, "seq_len": 32, "max_steps": 6, "lr": 1e-2,
                 "min_lr": 1e-3, "warmup_steps": 2, "eval_interval": 3, "eval_batches": 2, "log_interval": 1,
                 "ckpt_interval": 3, **training}
-    path.write_text("[model]\nd_model = 32\nn_layer = 2\n\n"
+    path.write_text(f"[model]\nd_model = 32\nn_layer = 2\n{LAYERS[layer]}\n"
                     f"[data]\nsource = {corpus.source}\ncache_dir = {corpus.cache_dir}\nval_fraction = 0.1\n\n"
                     "[training]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
 
 
-def test_two_gloo_processes_under_torchrun_train_one_model(corpus, tmp_path):
-    write_ini(tmp_path / "config.ini", corpus, tmp_path / "out")
+@pytest.mark.parametrize("layer", LAYERS)
+def test_two_gloo_processes_under_torchrun_train_one_model(corpus, tmp_path, layer):
+    write_ini(tmp_path / "config.ini", corpus, tmp_path / "out", layer)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(ROOT / "main.py"), "-c", str(tmp_path / "config.ini")],
                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240)
