@@ -32,7 +32,7 @@ from einops import rearrange, repeat
 
 
 def _prepare(x, dt, A, B, C, dt_bias, dt_softplus, initial_states):
-    """The compute dtype (float32, float64 stays float64), Δ = softplus(dt + dt_bias), B and C per head."""
+    """The compute dtype (float32, float64 stays float64), Δ = softplus(dt + dt_bias), shapes checked."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
     b, l, h, p = x.shape
@@ -43,8 +43,6 @@ def _prepare(x, dt, A, B, C, dt_bias, dt_softplus, initial_states):
         dt = dt + dt_bias.to(dtype)
     if dt_softplus:
         dt = F.softplus(dt)
-    # each group's B_t, C_t serves h / g consecutive heads
-    B, C = (repeat(M, "b l g n -> b l (g r) n", r=h // M.shape[2]) for M in (B, C))
     if initial_states is not None:
         expected = (b, h, p, B.shape[-1])
         if tuple(initial_states.shape) != expected:
@@ -68,6 +66,7 @@ def ssd_ref(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, initial_sta
     out_dtype = x.dtype
     x, dt, A, B, C, state = _prepare(x, dt, A, B, C, dt_bias, dt_softplus, initial_states)
     b, l, h, p = x.shape
+    B, C = (repeat(M, "b l g n -> b l (g r) n", r=h // M.shape[2]) for M in (B, C))  # a group serves h / g heads
     state = x.new_zeros(b, h, p, B.shape[-1]) if state is None else state
     ys = []
     for x_t, dt_t, B_t, C_t in zip(x.unbind(1), dt.unbind(1), B.unbind(1), C.unbind(1)):
@@ -86,11 +85,13 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=Fa
 
 def _segsum(a):
     """a (..., T) -> (..., T, T): out[..., t, s] = a[s+1] + ... + a[t] for s <= t (0 on the diagonal) and -inf
-    above it, so that exp(out) is the decay from step s to step t, masked to the causal part. Each entry is
-    summed from a masked copy of a (a cumulative sum down the rows of a[k] kept where k > s)."""
+    above it, so that exp(out) is the decay from step s to step t, masked to the causal part. The sums are
+    differences of cumulative sums taken in float64: in float32 the difference of two large sums (they reach
+    T max|Δ A| within a chunk) would keep few digits of a small one; and above the diagonal, where the
+    difference is positive and exp could overflow, it is replaced by -inf before any exp."""
     T = a.shape[-1]
-    below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)    # k > s
-    summed = torch.cumsum(repeat(a, "... k -> ... k s", s=T).masked_fill(~below, 0), dim=-2)
+    total = torch.cumsum(a.to(torch.float64), dim=-1)
+    summed = (total[..., :, None] - total[..., None, :]).to(a.dtype)                       # [t, s]
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device))               # s <= t
     return summed.masked_fill(~causal, float("-inf"))
 
@@ -98,33 +99,37 @@ def _segsum(a):
 def ssd_chunked(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, initial_states=None,
                 return_final_states=False, chunk_size=256):
     """The chunked SSD algorithm (the module docstring's four steps): the same results as ssd_ref, any length
-    (the last chunk is padded with steps that neither decay nor write), differentiable by autograd."""
+    (the last chunk is padded with steps that neither decay nor write), differentiable by autograd. Heads are
+    laid out as g groups of r = h / g, so that C_t · B_s, shared by a group's heads, is computed once a group."""
     out_dtype = x.dtype
     x, dt, A, B, C, state = _prepare(x, dt, A, B, C, dt_bias, dt_softplus, initial_states)
     b, l, h, p = x.shape
-    T = chunk_size
+    g, n, T = B.shape[2], B.shape[3], chunk_size
     pad = -l % T  # padded steps: Δ = 0, so exp(0 A) = 1 and Δ x = 0: the state passes them unchanged
 
     def chunks(t, pattern):
-        return rearrange(F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)), pattern, t=T)
-    X = chunks(x * dt[..., None], "b (c t) h p -> b c t h p")                    # Δ_t x_t
-    a = chunks(dt * A, "b (c t) h -> b h c t")                                   # Δ_t A <= 0
-    B, C = (chunks(M, "b (c t) h n -> b c t h n") for M in (B, C))
-    segment = _segsum(a)                                                         # (b, h, c, T, T)
+        return rearrange(F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)), pattern, t=T, g=g)
+    X = chunks(x * dt[..., None], "b (c t) (g r) p -> b c t g r p")              # Δ_t x_t
+    a = chunks(dt * A, "b (c t) (g r) -> b g r c t")                             # Δ_t A <= 0
+    B, C = (chunks(M, "b (c t) g n -> b c t g n") for M in (B, C))
+    segment = _segsum(a)                                                         # (b, g, r, c, T, T)
 
-    # 1. within each chunk: y_t = Σ_{s<=t} (C_t · B_s) exp(a_{s+1} + ... + a_t) X_s
-    y = torch.einsum("bcthn,bcshn,bhcts,bcshp->bcthp", C, B, torch.exp(segment), X)
+    # 1. within each chunk: y_t = Σ_{s<=t} (C_t · B_s) exp(a_{s+1} + ... + a_t) X_s, the masked "attention"
+    scores = torch.einsum("bctgn,bcsgn->bgcts", C, B)                            # once per group
+    y = torch.einsum("bgrcts,bcsgrp->bctgrp", scores[:, :, None] * torch.exp(segment), X)
     # 2. each chunk's final state from zero: the last row of the segment sums is the decay to the chunk's end
-    ends = torch.einsum("bcshn,bhcs,bcshp->bchpn", B, torch.exp(segment[..., -1, :]), X)
+    to_end = rearrange(torch.exp(segment[..., -1, :]), "b g r c s -> b c s g r 1")
+    ends = torch.einsum("bcsgn,bcsgrp->bcgrpn", B, X * to_end)                  # (b, c, g, r, p, n)
     # 3. the chain between chunks, one chunk at a time: memory stays linear in l
-    chunk_decay = torch.exp(a.sum(-1))                                           # (b, h, c)
-    state = x.new_zeros(b, h, p, B.shape[-1]) if state is None else state
+    chunk_decay = torch.exp(a.sum(-1))                                           # (b, g, r, c)
+    state = x.new_zeros(b, h, p, n) if state is None else state
+    state = rearrange(state, "b (g r) p n -> b g r p n", g=g)
     entering = []
     for k in range(X.shape[1]):
         entering.append(state)
-        state = chunk_decay[:, :, k, None, None] * state + ends[:, k]
+        state = chunk_decay[..., k, None, None] * state + ends[:, k]
     # 4. what entered each chunk, decayed to each of its steps and read out by C_t
-    from_start = torch.exp(torch.cumsum(a, dim=-1))                             # exp(a_1 + ... + a_t) <= 1
-    y = y + torch.einsum("bcthn,bchpn,bhct->bcthp", C, torch.stack(entering, dim=1), from_start)
-    y = rearrange(y, "b c t h p -> b (c t) h p")[:, :l]
-    return _finish(y, x, D, out_dtype, state, return_final_states)
+    from_start = rearrange(torch.exp(torch.cumsum(a, dim=-1)), "b g r c t -> b c t g r 1")   # exp(a_1 + ... + a_t)
+    y = y + torch.einsum("bctgn,bcgrpn->bctgrp", C, torch.stack(entering, dim=1)) * from_start
+    y = rearrange(y, "b c t g r p -> b (c t) (g r) p")[:, :l]
+    return _finish(y, x, D, out_dtype, rearrange(state, "b g r p n -> b (g r) p n"), return_final_states)
