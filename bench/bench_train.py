@@ -1,21 +1,23 @@
-"""Benchmark training: tokens/s and model FLOPs utilisation (MFU), ours vs mambapy vs a GPT-2 of the same size.
+"""Benchmark training: tokens/s and model FLOPs utilisation (MFU) of Mamba-1 (ours), Mamba-2, mambapy and the
+Transformer baseline, all of the same size.
 
     python bench/bench_train.py                                     # d_model 256, 4 layers, batch 8 x 256, CPU
+    python bench/bench_train.py --models ours,mamba2,transformer    # the three models this repository trains
     python bench/bench_train.py --device cuda                       # bf16 autocast, the scan in float32
     python bench/bench_train.py --steps 3 --warmup 1                # a smoke check
 
 One training step = forward, cross-entropy over every position, backward, AdamW step (lr 3e-4, weight decay 0.1
-on every parameter, PyTorch's default foreach implementation for all three models), on one fixed batch of random
+on every parameter, PyTorch's default foreach implementation for every model), on one fixed batch of random
 token ids. The step time is the median over --steps steps after --warmup untimed ones (synchronised on CUDA);
 tokens/s = batch * seq / step time. Every model trains in a fresh subprocess, so its peak memory is its own: on
 CPU the growth of the resident set (VmHWM, reset before the first step) during the first step, on CUDA
 torch.cuda.max_memory_allocated above what model, optimizer and batch held before it. The models, seeded alike:
     ours         MambaLM (model.py), its fast scan and custom backward.
+    mamba2       MambaLM with [model] layer = mamba2 (mamba2.py, ssd.py's chunked SSD), --mamba2-d-state state.
     mambapy      mambapy's Mamba (pscan=True: its parallel Blelloch scan) between an embedding and a tied lm_head,
                  our size (bench_generate.MambapyLM).
-    transformer  bench_generate.GPT (GPT-2 layout, F.scaled_dot_product_attention, learned positions for seq),
-                 same d_model, with the number of layers that brings its parameter count closest to ours
-                 (--tf-layers overrides); both counts are printed.
+    transformer  the Transformer baseline (transformer.py) in bench_generate.transformer_config's shape, the depth
+                 bringing its parameter count closest to ours (--tf-layers overrides); the counts are printed.
 
 Model FLOPs per token of a training step (the PaLM paper's "model FLOPs": a multiply-add is 2 FLOPs, backward
 costs twice the forward, recomputation is not counted, norms and activations are left out):
@@ -26,9 +28,15 @@ costs twice the forward, recomputation is not counted, norms and activations are
         9 E N     the selective scan, forward, per token: exp(Δ A), Δ B u, the state update h = Ā h + B̄ u and the
                   readout C h over the E x N state; 9 per state element is the count the official kernels'
                   authors give (state-spaces/mamba issue 110)
-    Transformer:  6 * P_mm + 12 * n_layer * d * seq   with P_mm = n_layer * 12 d^2 + V d (qkv, proj, MLP, lm_head);
-                  12 n_layer d seq is attention's q k^T and weights @ v at every position, forward and backward,
-                  counted over the full seq x seq square as PaLM and nanoGPT do (causal attention needs half).
+    Mamba-2:      6 * P_mm + n_layer * 3 * (2 K k + 2 T (G N + E) + 4 E N)
+        P_mm = n_layer * (d (E + K + H) + E d) + V d             in_proj (z, x B C, dt), out_proj, lm_head; K = E + 2GN
+        2 T (G N + E)  the chunk's masked products, C_t . B_s per group and the weights times Δx per channel, over
+                       the full T x T square (T = the chunk size), as attention is counted below
+        4 E N     each chunk's final state and the readout of the state entering it
+    Transformer:  6 * P_mm + 12 * n_layer * d * seq   with P_mm = n_layer * (4 d^2 + 3 d F) + V d (qkv, out_proj,
+                  the SwiGLU MLP of width F, lm_head); 12 n_layer d seq is attention's q k^T and weights @ v at
+                  every position, forward and backward, counted over the full seq x seq square as PaLM and nanoGPT
+                  do (causal attention needs half).
 MFU = FLOPs per token * tokens/s / the matmul rate measured in the same run: the median of --mm-repeats timed
 torch.mm of two --mm-size square matrices (2 n^3 FLOPs; n = 2048 on CPU, 8192 on CUDA), float32 on CPU,
 bfloat16 under bf16 autocast.
@@ -40,18 +48,20 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
-from bench_generate import GPT, MambapyLM, sync  # noqa: E402  (the baselines are defined once, there)
+from bench_generate import MambapyLM, sync, transformer_config  # noqa: E402  (the baselines are defined there)
 from bench_scan import first_run_peak  # noqa: E402
 
-from model import MambaConfig, MambaLM, param_count  # noqa: E402
+from model import MambaConfig  # noqa: E402
+from pretrained import build_model  # noqa: E402
 
-MODELS = ("ours", "mambapy", "transformer")
+MODELS = ("ours", "mamba2", "mambapy", "transformer")
 
 
 def mamba_flops_per_token(c: MambaConfig):
@@ -61,38 +71,38 @@ def mamba_flops_per_token(c: MambaConfig):
     return 6 * matmul_params + c.n_layer * 3 * (2 * E * c.d_conv + 9 * E * N)
 
 
-def transformer_flops_per_token(gpt: GPT, seq):
-    return 6 * gpt.matmul_params() + 12 * gpt.n_layer * gpt.d_model * seq
+def mamba2_flops_per_token(c: MambaConfig, seq):
+    """The same for a Mamba-2 block (accounting in the module docstring)."""
+    E, N, d, G, T = c.d_inner, c.d_state, c.d_model, c.ngroups, min(c.chunk_size, seq)
+    H, conv = E // c.headdim, E + 2 * G * N
+    matmul_params = c.n_layer * (d * (E + conv + H) + E * d) + c.padded_vocab_size * d
+    ssd = 2 * T * (G * N + E) + 2 * 2 * E * N
+    return 6 * matmul_params + c.n_layer * 3 * (2 * conv * c.d_conv + ssd)
 
 
-def mamba_config(args):
-    return MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab)
+def transformer_flops_per_token(c: MambaConfig, seq):
+    matmul_params = c.n_layer * (4 * c.d_model ** 2 + 3 * c.d_model * c.expand * c.d_model) \
+        + c.padded_vocab_size * c.d_model
+    return 6 * matmul_params + 12 * c.n_layer * c.d_model * seq
 
 
-def padded_vocab(args):
-    return mamba_config(args).padded_vocab_size
-
-
-def transformer_layers(args):
-    """--tf-layers, or the depth whose parameter count is closest to our model's (counted on the meta device)."""
-    if args.tf_layers:
-        return args.tf_layers
-    target = param_count(mamba_config(args))
-    with torch.device("meta"):
-        sizes = {n: GPT(args.d_model, n, padded_vocab(args), args.seq).num_params()
-                 for n in range(1, 4 * args.n_layer + 1)}
-    return min(sizes, key=lambda n: abs(sizes[n] - target))
+def configs(args):
+    """The [model] of each model this benchmark builds (mambapy's is ours, assembled from its own block)."""
+    ours = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab)
+    return {"ours": ours, "mambapy": ours, "mamba2": replace(ours, layer="mamba2", d_state=args.mamba2_d_state),
+            "transformer": transformer_config(args.d_model, args.n_layer, args.vocab, args.tf_layers)}
 
 
 def build(name, args):
     """(model, FLOPs per training token) on args.device, in train mode."""
     torch.manual_seed(0)
-    if name == "transformer":
-        model = GPT(args.d_model, transformer_layers(args), padded_vocab(args), args.seq)
-        flops = transformer_flops_per_token(model, args.seq)
+    c = configs(args)[name]
+    if name == "mambapy":
+        model, flops = MambapyLM(args.d_model, args.n_layer, args.vocab), mamba_flops_per_token(c)
     else:
-        model = MambaLM(mamba_config(args)) if name == "ours" else MambapyLM(args.d_model, args.n_layer, args.vocab)
-        flops = mamba_flops_per_token(mamba_config(args))
+        model = build_model(c)
+        flops = {"ours": lambda: mamba_flops_per_token(c), "mamba2": lambda: mamba2_flops_per_token(c, args.seq),
+                 "transformer": lambda: transformer_flops_per_token(c, args.seq)}[name]()
     return model.to(args.device).train(), flops
 
 
@@ -122,7 +132,7 @@ def measure_one(name, args):
         times.append(time.perf_counter() - t0)
     return {"s": statistics.median(times), "mb": peak / 2**20, "flops_per_token": flops,
             "params": sum(p.numel() for p in model.parameters()),
-            "layers": model.n_layer if name == "transformer" else args.n_layer}
+            "layers": model.config.n_layer if name == "transformer" else args.n_layer}
 
 
 def matmul_rate(args):
@@ -143,7 +153,7 @@ def run_one(name, args):
     """measure_one in a fresh interpreter with the same settings."""
     cmd = [sys.executable, os.path.abspath(__file__), "--one", name]
     for key in ("d_model", "n_layer", "vocab", "batch", "seq", "steps", "warmup", "device", "precision",
-                "threads", "tf_layers"):
+                "threads", "tf_layers", "mamba2_d_state"):
         value = getattr(args, key)
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
@@ -164,6 +174,8 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1: it measures memory)")
     p.add_argument("--tf-layers", type=int, help="Transformer depth (default: the closest parameter count)")
+    p.add_argument("--mamba2-d-state", type=int, default=128, help="Mamba-2's state size per channel (default: "
+                   "128, the official block's and configs/mamba2.ini's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=("auto", "float32", "bf16"), default="auto",
                    help="bf16: bfloat16 autocast over float32 weights; auto: bf16 on cuda, float32 on cpu")
@@ -201,11 +213,13 @@ def main():
               f"{r['flops_per_token'] / 1e6:.1f} | {r['flops_per_token'] * r['tokens_per_s'] / 1e9:.2f} | "
               f"{r['mfu']:.1%} | {r['mb']:.0f} MB |", flush=True)
 
-    ratios = {f"ours / {other} tokens/s": results["ours"]["tokens_per_s"] / results[other]["tokens_per_s"]
-              for other in ("mambapy", "transformer") if {"ours", other} <= results.keys()}
+    ratios = {f"{mine} / {other} tokens/s": results[mine]["tokens_per_s"] / results[other]["tokens_per_s"]
+              for mine, other in (("ours", "mambapy"), ("ours", "transformer"), ("mamba2", "transformer"),
+                                  ("mamba2", "ours")) if {mine, other} <= results.keys()}
     print("\nratios (x = times):")
     for name, value in ratios.items():
-        target = " (target >= 4)" if "mambapy" in name else ""
+        target = {"ours / mambapy tokens/s": " (target >= 4)",
+                  "ours / transformer tokens/s": " (target >= 0.5, goal 0.7: issue 16)"}.get(name, "")
         print(f"- {name}: {value:.2f}x{target}")
     if args.json:
         with open(args.json, "w") as f:
