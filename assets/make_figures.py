@@ -1,7 +1,9 @@
-"""Draws the README's two diagrams, labelled with the names model.py uses:
+"""Draws the diagrams of the README and docs/, labelled with the names the code uses:
 
   assets/ssm.png                 the selective SSM of one channel as a block diagram (the recurrence the scan runs)
   assets/mamba_architecture.png  the Mamba block (the paper's Figure 3) inside its pre-norm residual block
+  assets/ssd_duality.png         Mamba-2's SSM as a masked attention-like matrix, and the chunks ssd_chunked cuts
+                                 it into (docs/mamba2.md), computed by ssd.py on a random example
 
     python assets/make_figures.py [--out-dir assets]
 
@@ -9,13 +11,18 @@ Plain matplotlib boxes and arrows in data coordinates (1 unit = 1 inch at the fi
 is editing one number. The PNGs are 1200 px wide and stay readable shown 800 px wide in a README.
 """
 import argparse
+import sys
 from pathlib import Path
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")  # draw into files, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch  # noqa: E402
+from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch, Rectangle  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ssd import _segsum, ssd_ref  # noqa: E402
 
 DPI = 150
 INK, GREY = "#222222", "#666666"
@@ -172,15 +179,60 @@ def draw_architecture(path):
     plt.close(fig)
 
 
+def ssd_matrix(l=24, n=4, seed=0):
+    """One head's SSD as a matrix, y = M x (paper section 3 and 6): M[t, s] = (C_t · B_s) exp(a_{s+1} + ... + a_t)
+    Δ_s for s <= t, with a = Δ A; checked here against ssd_ref's recurrence. Returns (M, the causal softmax
+    weights of random queries and keys, for comparison), both (l, l)."""
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.rand(1, l, 1, generator=g, dtype=torch.float64) * 0.4 + 0.05
+    A = torch.tensor([-1.0], dtype=torch.float64)
+    B, C = (torch.randn(1, l, 1, n, generator=g, dtype=torch.float64) for _ in range(2))
+    decay = torch.exp(_segsum(dt[0, :, 0] * A))                                        # (l, l), 0 above
+    M = (C[0, :, 0] @ B[0, :, 0].T) * decay * dt[0, :, 0]
+    x = torch.randn(1, l, 1, 1, generator=g, dtype=torch.float64)
+    assert torch.allclose(M @ x[0, :, 0, 0], ssd_ref(x, dt, A, B, C)[0, :, 0, 0])         # the same y
+    q, k = (torch.randn(l, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    scores = (q @ k.T / 8 ** 0.5).masked_fill(~torch.tril(torch.ones(l, l, dtype=torch.bool)), float("-inf"))
+    return M, scores.softmax(-1)
+
+
+def draw_duality(path, l=24, chunk=8):
+    """Causal attention beside the SSD matrix of one head, with ssd_chunked's chunks drawn over the latter."""
+    M, attention = ssd_matrix(l)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4), dpi=DPI)
+    panels = ((attention, "attention: softmax(q_t · k_s) for s ≤ t", "RdBu_r"),
+              (M, "Mamba-2: (C_t · B_s) exp(a_{s+1} + … + a_t) Δ_s", "RdBu_r"))
+    for ax, (matrix, title, cmap) in zip(axes, panels):
+        bound = matrix.abs().max().item()
+        ax.imshow(matrix.masked_fill(matrix == 0, float("nan")).numpy(), cmap=cmap, vmin=-bound, vmax=bound)
+        ax.set_title(title, fontsize=9.5)
+        ax.set_xlabel("s (input position)", fontsize=9)
+        ax.set_ylabel("t (output position)", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax = axes[1]
+    for i in range(0, l, chunk):  # diagonal blocks: step 1's masked products; below them: through chunk states
+        ax.add_patch(Rectangle((i - 0.5, i - 0.5), chunk, chunk, fill=False, edgecolor=INK, linewidth=1.6))
+        for j in range(0, i, chunk):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), chunk, chunk, fill=False, edgecolor=GREY, linewidth=0.8,
+                                   linestyle="--"))
+    fig.text(0.5, 0.04, "solid: within a chunk, one (T x T) matrix product (step 1)    dashed: across chunks, "
+             "rank N, through the states (steps 2-4)", ha="center", fontsize=8.5, color=GREY)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent),
-                        help="folder for ssm.png and mamba_architecture.png (default: this script's folder)")
+                        help="folder for the PNGs (default: this script's folder)")
     out = Path(parser.parse_args(argv).out_dir)
     out.mkdir(parents=True, exist_ok=True)
     draw_ssm(out / "ssm.png")
     draw_architecture(out / "mamba_architecture.png")
-    print(f"wrote {out / 'ssm.png'} and {out / 'mamba_architecture.png'}")
+    draw_duality(out / "ssd_duality.png")
+    print(f"wrote {out / 'ssm.png'}, {out / 'mamba_architecture.png'} and {out / 'ssd_duality.png'}")
 
 
 if __name__ == "__main__":

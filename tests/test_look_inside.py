@@ -17,6 +17,7 @@ import checkpoint
 import look_inside
 from model import MambaConfig, MambaLM
 from pretrained import load_checkpoint
+from ssd import ssd_chunked
 from tokenizer import ByteTokenizer
 from transformer import TransformerLM
 
@@ -195,11 +196,19 @@ def test_task_example_with_ablation_switches(tmp_path, capsys):
     assert (tmp_path / "task.png").read_bytes().startswith(PNG)
 
 
-def test_make_figures_writes_both_diagrams(tmp_path):
+def test_make_figures_writes_every_diagram(tmp_path):
     spec = importlib.util.spec_from_file_location("make_figures", ROOT / "assets" / "make_figures.py")
     make_figures = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_figures)
     make_figures.main(["--out-dir", str(tmp_path / "figs")])
-    for name in ("ssm.png", "mamba_architecture.png"):
+    # The duality figure's matrix is Mamba-2's SSM: M @ x is the chunked algorithm's y, with chunks of any size.
+    M, _ = make_figures.ssd_matrix(l=10, n=3, seed=4)
+    g = torch.Generator().manual_seed(4)
+    dt = torch.rand(1, 10, 1, generator=g, dtype=torch.float64) * 0.4 + 0.05
+    B, C = (torch.randn(1, 10, 1, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    x = torch.randn(1, 10, 1, 1, generator=g, dtype=torch.float64)
+    y = ssd_chunked(x, dt, torch.tensor([-1.0], dtype=torch.float64), B, C, chunk_size=4)
+    torch.testing.assert_close(M @ x[0, :, 0, 0], y[0, :, 0, 0])
+    for name in ("ssm.png", "mamba_architecture.png", "ssd_duality.png"):
         data = (tmp_path / "figs" / name).read_bytes()
         assert data[:8] == PNG and len(data) > 20_000
