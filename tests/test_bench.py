@@ -4,6 +4,7 @@ the baselines of bench_generate.py decode with their caches exactly as their ful
 The figures themselves are the lead's to measure on a quiet machine (docs/performance.md); these only keep the
 scripts working as model.py, transformers and mambapy change under them.
 """
+import csv
 import importlib.util
 import json
 import math
@@ -90,3 +91,34 @@ def test_bench_prefill_prints_chunked_and_one_pass_rows():
     out = run("bench_prefill.py", "--lengths", "64,256", "--chunk", "32", "--one-pass-max", "64", "--repeats", "1")
     rows = [line for line in out.splitlines() if line.startswith(("| 64 |", "| 256 |"))]
     assert len(rows) == 2 and rows[0].count("MB") == 2 and rows[1].endswith("| not run |"), out
+
+
+def test_compare_runs_tables_two_seeds_and_another_model(tmp_path):
+    """Three tiny runs: the per-run rows carry log.csv's last figures, the seed groups their mean and spread."""
+    from data import DataConfig
+    from model import MambaConfig
+    from runs import train_run
+    from train import TrainConfig
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat. " * 400, encoding="utf-8")
+    data = DataConfig(source=str(tmp_path / "corpus.txt"), cache_dir=str(tmp_path / "cache"), val_fraction=0.1)
+    runs = {"a1": ("mamba1", 1), "a2": ("mamba1", 2), "t1": ("transformer", 1)}
+    for name, (layer, seed) in runs.items():
+        train_run(MambaConfig(d_model=16, n_layer=1, layer=layer, n_head=2), data,
+                  TrainConfig(out_dir=str(tmp_path / name), device="cpu", seed=seed, batch_size=2, seq_len=16,
+                              max_steps=2, warmup_steps=1, eval_interval=2, eval_batches=1, ckpt_interval=2))
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_runs.py"), *(str(tmp_path / n) for n in runs),
+                          "--png", str(tmp_path / "c.png")], env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    final = {}
+    for name in runs:
+        with open(tmp_path / name / "log.csv") as f:
+            final[name] = float(list(csv.DictReader(f))[-1]["val_loss"])
+        assert re.search(rf"^\| {name} \| {runs[name][0]} \| [\d,]+ \| {runs[name][1]} \| 2 \| {final[name]:.4f} \|",
+                         out.stdout, re.MULTILINE), out.stdout
+    mean, spread = (final["a1"] + final["a2"]) / 2, abs(final["a1"] - final["a2"])
+    assert f"| a1, a2 | mamba1 | 1, 2 | {mean:.4f} | {spread:.4f} |" in out.stdout
+    assert f"| t1 | transformer | 1 | {final['t1']:.4f} | 0.0000 |" in out.stdout
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_runs.py"), str(tmp_path)], env=ENV,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "is not a run's out_dir" in bad.stderr and bad.stderr.count("\n") == 1
