@@ -68,7 +68,9 @@ class CausalSelfAttention(nn.Module):
                 else mask.bool()
             if cache is not None:
                 k, v, valid = _append(cache, k, v, valid)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=_allowed(positions, valid)[:, None])
+            # One new token with no padding anywhere reads every key: nothing to mask (a decoding step).
+            allowed = None if x.shape[1] == 1 and bool(valid.all()) else _allowed(positions, valid)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.out_proj(rearrange(y, "b h l e -> b l (h e)"))
 
 
