@@ -130,6 +130,11 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (y, h) if return_last_state else y
 
 
+def _to(t, dtype):
+    """t in dtype; without the dispatch a no-op .to() costs, which one decoding step would pay dozens of times."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                            delta_softplus=False, A_scale=None):
     """One step of the recurrence, for generation: exactly one iteration of selective_scan_ref.
@@ -142,24 +147,26 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
     """
     out_dtype = u.dtype
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    u, delta = u.to(dtype), delta.to(dtype)
+
+    def cast(t):
+        return _to(t, dtype)
+    u, delta, A, B, C = cast(u), cast(delta), cast(A), cast(B), cast(C)
     if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype)
+        delta = delta + cast(delta_bias)
     if delta_softplus:
         delta = F.softplus(delta)
-    decay_step = delta if A_scale is None else delta * A_scale.to(dtype)
-    B_t = B.to(dtype)[:, :, None] if B.dim() == 2 else B.to(dtype)                 # (b, n, 1) or (1, d, n)
-    decay = torch.exp(decay_step[..., None] * A.to(dtype))                         # exp(Δ A), (b, d, n)
+    decay_step = delta if A_scale is None else delta * cast(A_scale)
+    decay = torch.exp(decay_step[..., None] * A)                                   # exp(Δ A), (b, d, n)
     if B.dim() == 2:  # h = exp(Δ A) h + (Δ u) B^T: the input term is an outer product (b, d, 1) x (b, 1, n)
-        h = torch.baddbmm(decay * state.to(dtype), (delta * u)[..., None], B_t.transpose(1, 2))
+        h = torch.baddbmm(decay * cast(state), (delta * u)[..., None], B[:, None, :])
     else:
-        h = torch.addcmul(decay * state.to(dtype), (delta * u)[..., None], B_t)
-    y = torch.bmm(h, C.to(dtype)[:, :, None])[..., 0] if C.dim() == 2 else (h * C.to(dtype)).sum(-1)  # C h
+        h = torch.addcmul(decay * cast(state), (delta * u)[..., None], B)
+    y = torch.bmm(h, C[:, :, None])[..., 0] if C.dim() == 2 else (h * C).sum(-1)    # C_t h_t
     if D is not None:
-        y = torch.addcmul(y, u, D.to(dtype))
+        y = torch.addcmul(y, u, cast(D))
     if z is not None:
-        y = y * F.silu(z.to(dtype))
-    return h.to(state.dtype), y.to(out_dtype)
+        y = y * F.silu(cast(z))
+    return _to(h, state.dtype), _to(y, out_dtype)
 
 
 # ----------------------------------------------------------------------------- the fast path
