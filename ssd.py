@@ -91,7 +91,8 @@ def _segsum(a):
     difference is positive and exp could overflow, it is replaced by -inf before any exp."""
     T = a.shape[-1]
     total = torch.cumsum(a.to(torch.float64), dim=-1)
-    summed = (total[..., :, None] - total[..., None, :]).to(a.dtype)                       # [t, s]
+    # total_t - total_s, written as a sum with -total so that backward negates a vector, not a (T, T) matrix
+    summed = (total[..., :, None] + (-total)[..., None, :]).to(a.dtype)                    # [t, s]
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device))               # s <= t
     return summed.masked_fill(~causal, float("-inf"))
 
