@@ -6,8 +6,9 @@
 Each argument is a run's out_dir, as main.py leaves it: config.ini (the resolved config), log.csv (one row per
 evaluation) and ckpt.pt. The first table has one row per run: the kind of model and its parameter count, the
 settings that differ between the runs given, the last evaluation (step, validation loss in nats, bits per byte
-or per character) and the wall-clock of training (log.csv's elapsed_s, evaluations included). The second has one
-row per group of runs that differ only in their seed: the mean and the spread (max - min) of the final loss.
+or per character, accuracy: of the next token on text, of the answers on a task) and the wall-clock of
+training (log.csv's elapsed_s, evaluations included). The second has one row per group of runs that differ
+only in their seed: the mean and the spread (max - min) of the final loss.
 With --png, the validation loss of every run against the step and against the wall-clock.
 """
 import argparse
@@ -32,6 +33,7 @@ NOT_SETTINGS = {("training", "out_dir"), ("training", "seed"), ("model", "layer"
 def read_run(folder: Path) -> dict:
     """config (section -> key -> text), log rows, parameter count; exits with one line if it is no finished run."""
     config = configparser.ConfigParser()
+    config.optionxform = str  # keys as written (selective_B), not lowercased
     if not config.read(folder / "config.ini", encoding="utf-8") or not (folder / "log.csv").is_file():
         die(f"{folder} is not a run's out_dir (config.ini and log.csv missing); pass what main.py wrote as "
             "[training] out_dir")
@@ -66,14 +68,15 @@ def table(runs) -> list[str]:
     keys = differing(runs)
     bits = bits_column(runs[0]["rows"])
     head = ["run", "model", "parameters", *(k for _, k in keys), "seed", "step", "val loss (nats)",
-            bits.replace("val_", "").replace("_", " "), "wall-clock"]
+            bits.replace("val_", "").replace("_", " "), "accuracy", "wall-clock"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         last = r["rows"][-1]
         minutes, seconds = divmod(round(float(last["elapsed_s"])), 60)
         cells = [r["name"], r["layer"], f"{r['params']:,}", *(r["settings"].get(k, "") for k in keys),
                  r["settings"].get(("training", "seed"), ""), last["step"], f"{float(last['val_loss']):.4f}",
-                 f"{float(last[bits]):.4f}", f"{minutes} min {seconds:02d} s"]
+                 f"{float(last[bits]):.4f}", f"{float(last['val_accuracy']):.2%}",
+                 f"{minutes} min {seconds:02d} s"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -112,9 +112,10 @@ def test_compare_runs_tables_two_seeds_and_another_model(tmp_path):
     final = {}
     for name in runs:
         with open(tmp_path / name / "log.csv") as f:
-            final[name] = float(list(csv.DictReader(f))[-1]["val_loss"])
-        assert re.search(rf"^\| {name} \| {runs[name][0]} \| [\d,]+ \| {runs[name][1]} \| 2 \| {final[name]:.4f} \|",
-                         out.stdout, re.MULTILINE), out.stdout
+            last = list(csv.DictReader(f))[-1]
+        final[name], accuracy = float(last["val_loss"]), float(last["val_accuracy"])
+        assert re.search(rf"^\| {name} \| {runs[name][0]} \| [\d,]+ \| {runs[name][1]} \| 2 \| {final[name]:.4f} \| "
+                         rf"[0-9.]+ \| {accuracy:.2%} \|", out.stdout, re.MULTILINE), out.stdout
     mean, spread = (final["a1"] + final["a2"]) / 2, abs(final["a1"] - final["a2"])
     assert f"| a1, a2 | mamba1 | 1, 2 | {mean:.4f} | {spread:.4f} |" in out.stdout
     assert f"| t1 | transformer | 1 | {final['t1']:.4f} | 0.0000 |" in out.stdout
