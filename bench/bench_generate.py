@@ -277,6 +277,20 @@ def plot(rows, decoders, path, title):
     fig.savefig(path, dpi=120)
 
 
+def ops_per_step(model, device):
+    """How many aten operations one MambaLM.step dispatches (torch.profiler, after a warm-up step): the count
+    that sets decoding speed at this size more than the arithmetic does, and that, unlike a time, this shared
+    machine cannot blur."""
+    from torch.profiler import profile
+    cache, token = model.allocate_cache(1, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    with torch.inference_mode():
+        model.step(token, cache)
+        with profile() as prof:
+            model.step(token, cache)
+    aten = [e for e in prof.events() if e.name.startswith("aten::")]
+    return sum(1 for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+
+
 def describe(models, args, max_context):
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     lines = [f"generation, d_model {args.d_model}, {args.n_layer} layers, vocabulary {args.vocab}, batch "
@@ -289,6 +303,8 @@ def describe(models, args, max_context):
     kv = 2 * transformer_config(args.d_model, args.n_layer, args.vocab).n_layer * max_context * args.d_model * 4
     lines.append(f"cache per sequence, float32: Mamba {state / 2**10:.0f} KiB at any context; "
                  f"Transformer KV {kv / 2**20:.1f} MiB at {max_context}")
+    if "ours" in models:
+        lines.append(f"aten operations per decoding step (ours, batch 1): {ops_per_step(models['ours'], args.device)}")
     return lines
 
 

@@ -51,6 +51,7 @@ def test_bench_generate_prints_per_token_and_prefill_tables(tmp_path):
                  "--json", str(tmp_path / "g.json"))
     saved = json.loads((tmp_path / "g.json").read_text())
     assert "| context | ours: recurrent step (ms/token) |" in stdout
+    assert int(re.search(r"aten operations per decoding step \(ours, batch 1\): (\d+)", stdout).group(1)) > 20
     assert [r["context"] for r in saved["per_token_ms"]] == [16, 48]
     assert re.search(r"^\| 48 \|( [0-9.]+ \|){4}$", stdout, re.MULTILINE), stdout
     # ours@48 / ours@16, transformer, full and hf over ours at 48, and hf / ours over the contexts
