@@ -161,3 +161,18 @@ def test_initial_state_with_a_selective_A(l):
     g_fn, g_ref = grads_of(selective_scan_fn, kw, gy, gh), grads_of(selective_scan_ref, kw, gy, gh)
     for k in g_ref:
         assert rel_err(g_fn[k], g_ref[k]) < 1e-10, (k, rel_err(g_fn[k], g_ref[k]))
+
+
+@pytest.mark.parametrize("dt", [1e-7, 1e-6, 1e-5])
+def test_a_token_kept_for_2_to_the_20_steps_loses_only_rounding(dt):
+    """Induction Heads at 2^20 needs a token written once and read a million steps later. In float32, with the
+    small Δ that keeps it, the fast scan's product of 2^20 decays exp(Δ A) stays within 2e-4 of the exact
+    exp(Δ A (l - 1)): float32 rounding of the decay does not erase such a memory."""
+    l, A = 2 ** 20, -torch.tensor([1.0, 2.0, 4.0, 8.0])
+    u = torch.zeros(1, 1, l)
+    u[..., 0] = 1.0                                                        # the token, written at step 0
+    B, C = torch.ones(1, 4, l), torch.zeros(1, 4, l)
+    C[..., -1] = 1.0                                                       # read out at the last step only
+    y = selective_scan_fn(u, torch.full((1, 1, l), dt), A[None], B, C)
+    exact = (dt * torch.exp(dt * A.double() * (l - 1))).sum().item()     # h_0 = Δ u_0 B, decayed l - 1 times
+    assert abs(y[0, 0, -1].item() - exact) / exact < 2e-4
