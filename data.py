@@ -71,6 +71,9 @@ class DataConfig:
         "(tasks.py; source, tokenizer and val_fraction are then unused)"))
     task_vocab: int = option(16, "a task's vocabulary size, special tokens included", POSITIVE)
     task_tokens: int = option(16, "selective_copying: data tokens to copy (K)", POSITIVE)
+    task_targets: Literal["answers", "every"] = option("answers", (
+        "what a task's training loss scores: answers: the answers alone; every: also the next token at every "
+        "other position, as in the H3/safari code the paper's tasks come from (validation scores the answers)"))
 
     def __post_init__(self):
         check_fields(self)
@@ -286,8 +289,11 @@ class Batches:
 
     def _draw(self, split: str, generator: torch.Generator):
         if self.dataset is None:
-            return tasks.make_batch(self.cfg.task, self.cfg.task_vocab, self.cfg.task_tokens, self.batch_size,
+            x, y = tasks.make_batch(self.cfg.task, self.cfg.task_vocab, self.cfg.task_tokens, self.batch_size,
                                     self.seq_len, generator)
+            if split == "train" and self.cfg.task_targets == "every":
+                y = tasks.every_position(x, y)
+            return x, y
         return get_batch(getattr(self.dataset, split), self.batch_size, self.seq_len, generator)
 
     def train(self, generator: torch.Generator):

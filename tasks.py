@@ -21,7 +21,8 @@ the first time (associative recall: "Harry Potter ... Harry" -> "Potter").
     y        - - - - - - - - - ... - - k
 
 A batch is (x, y), both (b, l) int64; y holds IGNORE (-100, the ignore_index of F.cross_entropy) wherever
-nothing is scored, so the trainer's loss and accuracy count only the answers. Examples come from a
+nothing is scored, so the trainer's loss and accuracy count only the answers ([data] task_targets = every
+trains on every_position's targets instead: the answers and the next token everywhere else). Examples come from a
 torch.Generator, so a seed fixes them and a checkpoint can save the stream's position.
 
 evaluate.py measures a trained checkpoint on them at other lengths (the paper's Table 11).
@@ -83,6 +84,15 @@ def induction_heads(batch_size, seq_len, vocab_size=16, generator=None):
     y = torch.full_like(x, IGNORE)
     y[:, -1] = x[rows, p + 1][:, 0]
     return x, y
+
+
+def every_position(x, y):
+    """The targets of a language-model loss on a task batch: y's answers where it has them, the next token of x
+    at every other position (the last, with no next token, stays as y has it). The H3/safari generator behind
+    the paper's tasks trains on these, where make_batch's y scores the answers alone."""
+    targets = torch.full_like(y, IGNORE)
+    targets[:, :-1] = x[:, 1:]
+    return torch.where(y != IGNORE, y, targets)
 
 
 def make_batch(task, vocab_size, n_tokens, batch_size, seq_len, generator=None):

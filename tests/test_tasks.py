@@ -51,6 +51,25 @@ def test_induction_heads_examples(vocab, L):
         assert first.min() < 30 and first.max() > 220                       # anywhere in the sequence
 
 
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_every_position_targets_are_the_next_tokens_and_the_answers(task):
+    x, y = tasks.make_batch(task, 8, 3, 4, 12, torch.Generator().manual_seed(2))
+    targets = tasks.every_position(x, y)
+    for b in range(4):
+        for t in range(12):
+            want = y[b, t] if y[b, t] != tasks.IGNORE else (x[b, t + 1] if t < 11 else tasks.IGNORE)
+            assert targets[b, t] == want
+
+
+def test_task_targets_every_changes_the_training_targets_only():
+    from data import Batches, DataConfig
+    batches = Batches(DataConfig(task="induction_heads", task_targets="every"), None, 4, 32)
+    x, y = batches.train(torch.Generator().manual_seed(0))
+    assert (y[:, :-1] == x[:, 1:]).all() and (y[:, -1] != tasks.IGNORE).all()
+    for _, y in batches.validation(2, seed=0):
+        assert (y[:, :-1] == tasks.IGNORE).all()                            # validation scores the answers
+
+
 def test_check_names_the_problem():
     assert tasks.check("selective_copying", 16, 16, 32) is None
     assert "seq_len >= 2 * task_tokens = 34" in tasks.check("selective_copying", 16, 17, 32)
@@ -83,10 +102,12 @@ def test_generate_reads_and_prints_a_task_checkpoints_symbols(tmp_path):
     assert out.startswith("..a...b.|") and len(out) == 12 and set(out) <= set(".|abc")
 
 
-@pytest.mark.parametrize("name", ["selective_copying", "induction_heads"])
-def test_shipped_task_configs_parse(name):
+@pytest.mark.parametrize("name, task", [("selective_copying", "selective_copying"),
+                                        ("induction_heads", "induction_heads"),
+                                        ("induction_heads_paper", "induction_heads")])
+def test_shipped_task_configs_parse(name, task):
     configs, tokenizer, batches, _ = main.resolve_run(*(config.load(str(ROOT / "configs" / f"{name}.ini"),
                                                                       main.SECTIONS).build(s) for s in main.SECTIONS))
-    assert configs["data"].task == name and configs["model"].vocab_size == tokenizer.vocab_size == 16
+    assert configs["data"].task == task and configs["model"].vocab_size == tokenizer.vocab_size == 16
     x, y = batches.train(torch.Generator().manual_seed(0))
     assert x.shape == (configs["training"].batch_size, configs["training"].seq_len)
