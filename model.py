@@ -31,7 +31,7 @@ from causal_conv import causal_conv1d, causal_conv1d_step
 from config import NON_NEGATIVE, POSITIVE, check_fields, must, option
 from mamba2 import Mamba2Mixer
 from sampling import Generation, check_left_padding
-from selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update
+from selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update, to_dtype
 
 PREFILL_CHUNK = 2048  # tokens a prefill reads at a time: its memory is that of a chunk, whatever the prompt
 DT_RANK = (lambda v: v == "auto" or (isinstance(v, int) and v > 0), 'a positive integer or "auto"')
@@ -140,7 +140,7 @@ def param_count(config: MambaConfig) -> int:
 
 def _compute_dtype(dtype):
     """float32, or float64 for a float64 model: the precision of norms, the residual stream and the SSM state."""
-    return torch.promote_types(dtype, torch.float32)
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _along_time(pattern, x):
@@ -159,8 +159,8 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         """x (..., d) -> (..., d) in the weight's dtype (the dtype the next Linear expects). F.rms_norm is this
         formula in one operation (a decoding step runs nine norms on tensors of d numbers)."""
-        x = x.to(_compute_dtype(x.dtype))
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps).to(self.weight.dtype)
+        x = to_dtype(x, _compute_dtype(x.dtype))
+        return to_dtype(F.rms_norm(x, (x.shape[-1],), to_dtype(self.weight, x.dtype), self.eps), self.weight.dtype)
 
 
 class MambaMixer(nn.Module):
@@ -208,12 +208,25 @@ class MambaMixer(nn.Module):
         # exp(Δ A) < 1 and the state decays instead of blowing up. Kept in float32 even in low-precision models.
         self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(self.d_inner))
+        self._A_kept = None  # (key, A) for decoding, see _A
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=config.bias)
         self._init_weights(config)
 
     def _dt_bias(self):
         """The bias added to dt before the softplus: dt_proj's (selective Δ) or the per-channel dt_bias."""
         return self.dt_proj.bias if self.selective["delta"] else self.dt_bias
+
+    def _A(self, dtype):
+        """A = -exp(A_log) (d_inner, n) in dtype. Without autograd (decoding) it is kept between calls, and made
+        again only when A_log has changed (its storage or its version counter, which every in-place update bumps:
+        optimizer steps, load_state_dict): else each token would pay an exp over d_inner x n in every layer. Like
+        autograd's checks, the counter does not see writes through .data."""
+        if torch.is_grad_enabled():
+            return -torch.exp(to_dtype(self.A_log, dtype))
+        key = (self.A_log.data_ptr(), self.A_log._version, dtype)
+        if self._A_kept is None or self._A_kept[0] != key:
+            self._A_kept = (key, -torch.exp(to_dtype(self.A_log, dtype)))
+        return self._A_kept[1]
 
     @torch.no_grad()
     def _init_weights(self, config):
@@ -260,13 +273,13 @@ class MambaMixer(nn.Module):
         s, f32 = self.selective, _compute_dtype(self.A_log.dtype)  # float32 (float64 in a float64 model)
         parts = {} if self.x_proj is None else dict(  # x_proj reads u time-major: (b, l, d_inner) -> (b, l, R + 2n)
             zip(self.x_proj_parts, self.x_proj(_along_time("b d l -> b l d", u)).split(self.split, dim=-1)))
-        A = -torch.exp(self.A_log.to(f32))
+        A = self._A(f32)
         B = _along_time("b l n -> b n l", parts["B"]) if s["B"] else self.B
         C = _along_time("b l n -> b n l", parts["C"]) if s["C"] else self.C
         dt = _along_time("b l d -> b d l", F.linear(parts["delta"], self.dt_proj.weight)) if s["delta"] \
             else u.new_zeros(()).expand(u.shape)
         A_scale = _along_time("b l d -> b d l", F.softplus(self.A_proj(parts["A"]).to(f32))) if s["A"] else None
-        return {"A": A, "B": B, "C": C, "dt": dt, "dt_bias": self._dt_bias().to(f32), "A_scale": A_scale}
+        return {"A": A, "B": B, "C": C, "dt": dt, "dt_bias": to_dtype(self._dt_bias(), f32), "A_scale": A_scale}
 
     def forward(self, hidden, cache=None, mask=None):
         """hidden (b, l, d_model) -> (b, l, d_model). With cache = (conv_state, ssm_state), continues from them (the
@@ -282,7 +295,7 @@ class MambaMixer(nn.Module):
         dt, dt_bias = p["dt"], p["dt_bias"]
         if keep is not None:  # Δ = 0 on padding: exp(0 A) = 1 and no input, the state passes through unchanged
             dt, dt_bias = F.softplus(dt.to(dt_bias.dtype) + dt_bias[:, None]) * keep, None
-        y = self.scan(u, dt, p["A"], p["B"], p["C"], self.D.float(), z=z, delta_bias=dt_bias,
+        y = self.scan(u, dt, p["A"], p["B"], p["C"], to_dtype(self.D, torch.float32), z=z, delta_bias=dt_bias,
                       delta_softplus=keep is None, return_last_state=cache is not None, A_scale=p["A_scale"],
                       initial_state=None if cache is None else cache[1])
         if cache is not None:
@@ -306,8 +319,9 @@ class MambaMixer(nn.Module):
         p = self.ssm_params(u)
         # selective: (b, n) as the official kernel takes them; fixed: (1, d_inner, n)
         B, C = (p[k] if self.selective[k] else p[k][None] for k in ("B", "C"))
-        new_state, y = selective_state_update(ssm_state, u, p["dt"], p["A"], B, C, self.D.float(), z=z,
-                                              delta_bias=p["dt_bias"], delta_softplus=True, A_scale=p["A_scale"])
+        D = to_dtype(self.D, torch.float32)
+        new_state, y = selective_state_update(ssm_state, u, p["dt"], p["A"], B, C, D, z=z, delta_bias=p["dt_bias"],
+                                              delta_softplus=True, A_scale=p["A_scale"])
         ssm_state.copy_(new_state)
         return self.out_proj(y)
 
@@ -346,7 +360,7 @@ class MambaBackbone(nn.Module):
         # The residual stream is summed over all layers; keeping it in float32 (official residual_in_fp32) avoids
         # rounding it at every layer when the weights or activations are bfloat16.
         x = self.embedding(ids)
-        return x.to(_compute_dtype(x.dtype))
+        return to_dtype(x, _compute_dtype(x.dtype))
 
     def forward(self, input_ids, cache=None, mask=None):
         """input_ids (b, l) -> hidden (b, l, d_model); with a cache (list per layer), continues from it."""

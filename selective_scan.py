@@ -130,7 +130,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (y, h) if return_last_state else y
 
 
-def _to(t, dtype):
+def to_dtype(t, dtype):
     """t in dtype; without the dispatch a no-op .to() costs, which one decoding step would pay dozens of times."""
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -149,7 +149,7 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
 
     def cast(t):
-        return _to(t, dtype)
+        return to_dtype(t, dtype)
     u, delta, A, B, C = cast(u), cast(delta), cast(A), cast(B), cast(C)
     if delta_bias is not None:
         delta = delta + cast(delta_bias)
@@ -166,7 +166,7 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
         y = torch.addcmul(y, u, cast(D))
     if z is not None:
         y = y * F.silu(cast(z))
-    return _to(h, state.dtype), _to(y, out_dtype)
+    return to_dtype(h, state.dtype), to_dtype(y, out_dtype)
 
 
 # ----------------------------------------------------------------------------- the fast path

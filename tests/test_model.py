@@ -89,6 +89,31 @@ def test_forward_with_a_cache_gives_every_logit_of_a_continued_sequence():
         torch.testing.assert_close(model(ids[:, 11:], cache=cache), full[:, 11:], rtol=0, atol=1e-4)
 
 
+def test_decoding_follows_every_in_place_change_of_A_log():
+    """A = -exp(A_log) is kept between decoding steps (MambaMixer._A): an optimizer step, load_state_dict and a
+    move to another dtype must each reach the next step, which must then equal a forward of the changed model."""
+    model, ids = small_model(), random_ids(2, 6)
+
+    def step_equals_forward():  # the forward of a fresh copy, which has kept nothing
+        cache = model.allocate_cache(2)
+        stepped = torch.stack([model.step(ids[:, t], cache) for t in range(ids.shape[1])], dim=1)
+        fresh = MambaLM(model.config).to(model.lm_head.weight.dtype)
+        fresh.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(stepped, fresh(ids), rtol=0, atol=1e-4)
+
+    step_equals_forward()
+    A_log = model.backbone.layers[0].mixer.A_log
+    optimizer = torch.optim.SGD([A_log], lr=1.0)
+    A_log.grad = torch.full_like(A_log, -1.0)  # A_log += 1: every decay rate e times larger
+    optimizer.step()
+    step_equals_forward()
+    model.load_state_dict(small_model(seed=1).state_dict())
+    step_equals_forward()
+    model.double()
+    step_equals_forward()
+
+
 def test_a_long_prompt_is_read_in_chunks_of_bounded_size(monkeypatch):
     """prefill cuts the prompt into PREFILL_CHUNK-token pieces (made 16 here): the same logits as one pass."""
     import model as model_module
