@@ -71,7 +71,7 @@ def capture(model, ids):
 
 
 def _mamba1_numbers(mixer, u, _):
-    p = mixer.ssm_params(u)  # u (1, d_inner, l); the scan's layout: dt (1, d_inner, l), B and C (1, n, l)
+    p = mixer.ssm_params(rearrange(u, "b l d -> b d l"))  # the scan's layout: dt (1, d_inner, l), B and C (1, n, l)
     delta = rearrange(F.softplus(p["dt"].float() + p["dt_bias"][:, None])[0], "d l -> l d")  # as the scan does
     B, C = (rearrange(p[k][0].float(), "n l -> l n") if mixer.selective[k] else p[k].detach().float()
             for k in ("B", "C"))
@@ -82,7 +82,7 @@ def _mamba1_numbers(mixer, u, _):
 
 def _mamba2_numbers(mixer, xBC, projected):
     delta = mixer._step_size(projected[0, :, -mixer.nheads:])                  # (l, heads), as forward computes it
-    _, B, C = mixer._split(rearrange(xBC[0], "c l -> l c"))                   # (l, g, n) each
+    _, B, C = mixer._split(xBC[0])                                             # (l, g, n) each
     return {"delta": delta, "B": rearrange(B, "l g n -> l (g n)"), "C": rearrange(C, "l g n -> l (g n)"),
             "A": -torch.exp(mixer.A_log.float())[:, None], "decay_step": delta, "fixed": []}
 

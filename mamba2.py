@@ -100,9 +100,9 @@ class Mamba2Mixer(nn.Module):
         tokens, 0 on left padding, which never enters the conv window or the state."""
         z, xBC, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         keep = None if mask is None else mask[..., None].to(xBC.dtype)                # (b, l, 1)
-        xBC = rearrange(xBC if keep is None else xBC * keep, "b l c -> b c l")
-        xBC = self.act(causal_conv1d(xBC, self.conv1d, None if cache is None else cache[0]))
-        x, B, C = self._split(rearrange(xBC, "b c l -> b l c"))
+        xBC = self.act(causal_conv1d(xBC if keep is None else xBC * keep, self.conv1d,
+                                     None if cache is None else cache[0]))
+        x, B, C = self._split(xBC)
         delta = self._step_size(dt)
         if keep is not None:  # Δ = 0 on padding: the state passes through unchanged
             delta = delta * keep

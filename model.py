@@ -166,8 +166,8 @@ class RMSNorm(nn.Module):
 class MambaMixer(nn.Module):
     """The Mamba block of the paper's Figure 3 (official `mamba_simple.Mamba`), (b, l, d_model) -> (b, l, d_model):
 
-        x, z = in_proj(hidden)                       two branches, (b, d_inner, l) each
-        u = silu(causal_depthwise_conv1d(x))         local mixing along time
+        x, z = in_proj(hidden)                       two branches, (b, l, d_inner) each
+        u = silu(causal_depthwise_conv1d(x))         local mixing along time (the scan reads u as (b, d_inner, l))
         dt, B, C = x_proj(u);  Δ = softplus(dt_proj(dt))      the selection: Δ, B, C depend on the input
         h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t;  y_t = C_t h_t + D u_t     (selective scan)
         out = out_proj(y * silu(z))                  (gate = false: out_proj(y), and in_proj makes no z)
@@ -286,11 +286,14 @@ class MambaMixer(nn.Module):
         last d_conv conv inputs (b, d_inner, d_conv) and the state h_0 (b, d_inner, n)) and leaves there those after
         the last position, so a sequence read in pieces gives what one pass gives. mask (b, l): 1 on tokens, 0 on
         left padding, which never enters the conv window or the state."""
-        x, z = self._branches(rearrange(self.in_proj(hidden), "b l d -> b d l"), 1)    # (b, d_inner, l) each
-        keep = None if mask is None else mask[:, None, :].to(x.dtype)                # (b, 1, l)
+        x, z = self._branches(self.in_proj(hidden), -1)          # (b, l, d_inner) each: time-major until the scan
+        keep = None if mask is None else mask[:, :, None].to(x.dtype)                # (b, l, 1)
         if keep is not None:
             x = x * keep  # padding as zeros: what the conv window holds before a sequence's first token
-        u = self.act(causal_conv1d(x, self.conv1d, None if cache is None else cache[0]))    # (b, d_inner, l)
+        u = self.act(causal_conv1d(x, self.conv1d, None if cache is None else cache[0]))    # (b, l, d_inner)
+        # The scan's layout is (b, d_inner, l): views of the time-major tensors, which its chunking and x_proj
+        # read by whole rows
+        u, z, keep = (None if t is None else rearrange(t, "b l d -> b d l") for t in (u, z, keep))
         p = self.ssm_params(u)
         dt, dt_bias = p["dt"], p["dt_bias"]
         if keep is not None:  # Δ = 0 on padding: exp(0 A) = 1 and no input, the state passes through unchanged
