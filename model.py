@@ -220,8 +220,9 @@ class MambaMixer(nn.Module):
         """A = -exp(A_log) (d_inner, n) in dtype. Without autograd (decoding) it is kept between calls, and made
         again only when A_log has changed (its storage or its version counter, which every in-place update bumps:
         optimizer steps, load_state_dict): else each token would pay an exp over d_inner x n in every layer. Like
-        autograd's checks, the counter does not see writes through .data."""
-        if torch.is_grad_enabled():
+        autograd's checks, the counter does not see writes through .data; a model made under inference_mode has
+        no counter at all, and gets A made afresh."""
+        if torch.is_grad_enabled() or self.A_log.is_inference():
             return -torch.exp(to_dtype(self.A_log, dtype))
         key = (self.A_log.data_ptr(), self.A_log._version, dtype)
         if self._A_kept is None or self._A_kept[0] != key:

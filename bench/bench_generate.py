@@ -7,8 +7,10 @@
 
 Per-token decoding. For every context length c a random prompt of c tokens is processed, then tokens are
 generated greedily (argmax, fed back), each step timed on its own (synchronised on CUDA); the table gives the
-median over --steps steps after --warmup untimed ones, in ms per token. Methods, all the same size (d_model
-256, 4 layers, vocabulary 256 by default), batch 1, random weights, under torch.inference_mode:
+median over --steps steps after --warmup untimed ones, in ms per token. The methods step in turn, one step
+each per round, so that all of them are timed over the same minutes of a machine whose speed drifts. Methods,
+all the same size (d_model 256, 4 layers, vocabulary 256 by default), batch 1, random weights, under
+torch.inference_mode:
     ours         MambaLM.prefill fills the recurrent cache (fast scan), then MambaLM.step per token:
                  constant work per token (a (b, d_inner, d_state) state and a d_conv window per layer).
     full         no cache: the whole forward over the growing context, every step (--full-steps only: slow).
@@ -200,21 +202,35 @@ def prompt(args, length):
     return torch.randint(0, args.vocab, (args.batch, length), generator=g).to(args.device)
 
 
-def per_token_ms(name, models, args, context):
-    """Median ms of one greedy decoding step after a prompt of `context` tokens."""
-    start, step = decoder(name, models, args)
-    steps, warmup = (args.full_steps, 1) if name == "full" else (args.steps, args.warmup)
-    logits, state = start(prompt(args, context))
-    token, times = logits.argmax(-1), []
-    for i in range(warmup + steps):
-        sync(args.device)
-        t0 = time.perf_counter()
-        logits, state = step(token, state, context + i)
-        token = logits.argmax(-1)
-        sync(args.device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+def per_token_ms(names, models, args, context):
+    """name -> median ms of one greedy decoding step after a prompt of `context` tokens. The methods take their
+    steps in turn (one step of each, then the next round), so that every method's median is taken over the
+    same minutes of this machine, whose speed drifts by more than the differences measured; "full" takes its
+    --full-steps apart."""
+    def run(group, steps, warmup):
+        decoders = {name: decoder(name, models, args) for name in group}
+        state = {}
+        for name, (start, _) in decoders.items():
+            logits, state[name] = start(prompt(args, context))
+            state[name] = (logits.argmax(-1), state[name])
+        times = {name: [] for name in group}
+        for i in range(warmup + steps):
+            for name, (_, step) in decoders.items():
+                token, s = state[name]
+                sync(args.device)
+                t0 = time.perf_counter()
+                logits, s = step(token, s, context + i)
+                token = logits.argmax(-1)
+                sync(args.device)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+                state[name] = (token, s)
+        return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    together = [name for name in names if name != "full"]
+    out = run(together, args.steps, args.warmup) if together else {}
+    if "full" in names:
+        out |= run(["full"], args.full_steps, 1)
+    return out
 
 
 def prefill_s(name, models, args):
@@ -345,9 +361,7 @@ def main():
     print("|---" * (len(decoders) + 1) + "|")
     with torch.inference_mode(), autocast:
         for context in contexts:
-            row = {"context": context}
-            for name in decoders:
-                row[name] = per_token_ms(name, models, args, context)
+            row = {"context": context} | per_token_ms(decoders, models, args, context)
             rows.append(row)
             print(f"| {context} | " + " | ".join(f"{row[m]:.2f}" for m in decoders) + " |", flush=True)
         found = ratios(rows, decoders)
