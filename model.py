@@ -316,10 +316,32 @@ class MambaMixer(nn.Module):
         return (self.d_inner, self.d_conv), (self.d_inner, self.d_state)
 
     def step(self, hidden, conv_state, ssm_state):
-        """One token, hidden (b, d_model) -> (b, d_model): the recurrence h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,
-        constant cost per token. Updates conv_state (b, d_inner, d_conv) and ssm_state (b, d_inner, n) in place."""
+        """One token, hidden (b, d_model) -> (b, d_model): forward() for l = 1, the scan replaced by one step of
+            h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,    y_t = C_t h_t + D u_t,    y_t silu(z_t)
+        Updates conv_state (b, d_inner, d_conv) and ssm_state (b, d_inner, n) in place. Written out for the
+        official block (Δ, B, C selective) in as few operations as the recurrence allows: at this size a token's
+        time is the overhead of its few dozen operations per layer more than their arithmetic. The ablations take
+        step_reference, the same computation through ssm_params and selective_state_update, which this one is
+        tested against (tests/test_model.py)."""
+        if self.x_proj_parts != ["delta", "B", "C"]:
+            return self.step_reference(hidden, conv_state, ssm_state)
+        f32 = ssm_state.dtype  # the state's precision (float32, float64 in a float64 model) for the recurrence
         x, z = self._branches(self.in_proj(hidden), -1)                          # (b, d_inner) each
         u = self.act(causal_conv1d_step(x, self.conv1d, conv_state))          # the window · the filter
+        dt, B, C = self.x_proj(u).split(self.split, dim=-1)                   # (b, dt_rank), (b, n), (b, n)
+        delta = F.softplus(to_dtype(F.linear(dt, self.dt_proj.weight), f32) + to_dtype(self.dt_proj.bias, f32))
+        u, B, C = to_dtype(u, f32), to_dtype(B, f32), to_dtype(C, f32)
+        ssm_state.mul_(torch.exp(delta[..., None] * self._A(f32)))            # exp(Δ A) h       (b, d_inner, n)
+        ssm_state.baddbmm_((delta * u)[..., None], B[:, None, :])            # + (Δ u) B^T, an outer product
+        y = torch.addcmul(torch.bmm(ssm_state, C[..., None])[..., 0], u, to_dtype(self.D, f32))    # C h + D u
+        if z is not None:
+            y = y * F.silu(to_dtype(z, f32))
+        return self.out_proj(to_dtype(y, x.dtype))
+
+    def step_reference(self, hidden, conv_state, ssm_state):
+        """step() for every configuration (ablations included), through the functions forward() uses."""
+        x, z = self._branches(self.in_proj(hidden), -1)                          # (b, d_inner) each
+        u = self.act(causal_conv1d_step(x, self.conv1d, conv_state))
         p = self.ssm_params(u)
         # selective: (b, n) as the official kernel takes them; fixed: (1, d_inner, n)
         B, C = (p[k] if self.selective[k] else p[k][None] for k in ("B", "C"))

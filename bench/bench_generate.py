@@ -7,8 +7,8 @@
 
 Per-token decoding. For every context length c a random prompt of c tokens is processed, then tokens are
 generated greedily (argmax, fed back), each step timed on its own (synchronised on CUDA); the table gives the
-median over --steps steps after --warmup untimed ones, in ms per token. The methods step in turn, one step
-each per round, so that all of them are timed over the same minutes of a machine whose speed drifts. Methods,
+median over --steps steps after --warmup untimed ones, in ms per token. The methods take turns of 16 steps,
+so that all of them are timed over the same minutes of a machine whose speed drifts. Methods,
 all the same size (d_model 256, 4 layers, vocabulary 256 by default), batch 1, random weights, under
 torch.inference_mode:
     ours         MambaLM.prefill fills the recurrent cache (fast scan), then MambaLM.step per token:
@@ -202,11 +202,14 @@ def prompt(args, length):
     return torch.randint(0, args.vocab, (args.batch, length), generator=g).to(args.device)
 
 
+ROUND = 16  # decoding steps a method takes before the next one's turn
+
+
 def per_token_ms(names, models, args, context):
-    """name -> median ms of one greedy decoding step after a prompt of `context` tokens. The methods take their
-    steps in turn (one step of each, then the next round), so that every method's median is taken over the
-    same minutes of this machine, whose speed drifts by more than the differences measured; "full" takes its
-    --full-steps apart."""
+    """name -> median ms of one greedy decoding step after a prompt of `context` tokens. The methods take turns
+    of ROUND steps each (the first step of a turn finds the caches holding the other model's weights: a median
+    over ROUND steps discounts it), so that every method's median is taken over the same minutes of this
+    machine, whose speed drifts by more than the differences measured; "full" takes its --full-steps apart."""
     def run(group, steps, warmup):
         decoders = {name: decoder(name, models, args) for name in group}
         state = {}
@@ -214,16 +217,17 @@ def per_token_ms(names, models, args, context):
             logits, state[name] = start(prompt(args, context))
             state[name] = (logits.argmax(-1), state[name])
         times = {name: [] for name in group}
-        for i in range(warmup + steps):
+        for turn in range(0, warmup + steps, ROUND):
             for name, (_, step) in decoders.items():
                 token, s = state[name]
-                sync(args.device)
-                t0 = time.perf_counter()
-                logits, s = step(token, s, context + i)
-                token = logits.argmax(-1)
-                sync(args.device)
-                if i >= warmup:
-                    times[name].append(time.perf_counter() - t0)
+                for i in range(turn, min(turn + ROUND, warmup + steps)):
+                    sync(args.device)
+                    t0 = time.perf_counter()
+                    logits, s = step(token, s, context + i)
+                    token = logits.argmax(-1)
+                    sync(args.device)
+                    if i >= warmup:
+                        times[name].append(time.perf_counter() - t0)
                 state[name] = (token, s)
         return {name: statistics.median(t) * 1e3 for name, t in times.items()}
     together = [name for name in names if name != "full"]

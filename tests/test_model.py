@@ -89,6 +89,26 @@ def test_forward_with_a_cache_gives_every_logit_of_a_continued_sequence():
         torch.testing.assert_close(model(ids[:, 11:], cache=cache), full[:, 11:], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"gate": False}, {"dtype": torch.bfloat16}, {"dtype": torch.float64}],
+                         ids=["official", "no-gate", "bf16", "f64"])
+def test_the_written_out_step_is_step_reference(overrides):
+    """MambaMixer.step (the recurrence written out for the official block) against step_reference (through
+    ssm_params and selective_state_update): the same outputs and states, token after token."""
+    dtype = overrides.pop("dtype", torch.float32)
+    mixer = small_model(**overrides).to(dtype).backbone.layers[0].mixer
+    hidden = torch.randn(2, 9, mixer.in_proj.in_features, generator=torch.Generator().manual_seed(3)).to(dtype)
+    states = [[torch.zeros(2, mixer.d_inner, mixer.d_conv, dtype=dtype),
+               torch.zeros(2, mixer.d_inner, mixer.d_state, dtype=torch.promote_types(dtype, torch.float32))]
+              for _ in range(2)]
+    with torch.inference_mode():
+        for t in range(9):
+            fast = mixer.step(hidden[:, t], *states[0])
+            torch.testing.assert_close(fast, mixer.step_reference(hidden[:, t], *states[1]))
+            assert fast.dtype == dtype
+    for a, b in zip(*states):
+        torch.testing.assert_close(a, b)
+
+
 def test_decoding_follows_every_in_place_change_of_A_log():
     """A = -exp(A_log) is kept between decoding steps (MambaMixer._A): an optimizer step, load_state_dict and a
     move to another dtype must each reach the next step, which must then equal a forward of the changed model."""
