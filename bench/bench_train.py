@@ -8,7 +8,9 @@ Transformer baseline, all of the same size.
 
 One training step = forward, cross-entropy over every position, backward, AdamW step (lr 3e-4, weight decay 0.1
 on every parameter, PyTorch's default foreach implementation for every model), on one fixed batch of random
-token ids. The step time is the median over --steps steps after --warmup untimed ones (synchronised on CUDA);
+token ids. The step time is the median over --steps steps after --warmup untimed ones (synchronised on CUDA),
+pooled over --rounds fresh processes per model taken in turn with the other models' (ours, the Transformer, ours,
+...), so that a machine whose speed drifts from minute to minute drifts under all of them alike;
 tokens/s = batch * seq / step time. Every model trains in a fresh subprocess, so its peak memory is its own: on
 CPU the growth of the resident set (VmHWM, reset before the first step) during the first step, on CUDA
 torch.cuda.max_memory_allocated above what model, optimizer and batch held before it. The models, seeded alike:
@@ -130,7 +132,7 @@ def measure_one(name, args):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"s": statistics.median(times), "mb": peak / 2**20, "flops_per_token": flops,
+    return {"times": times, "mb": peak / 2**20, "flops_per_token": flops,
             "params": sum(p.numel() for p in model.parameters()),
             "layers": model.config.n_layer if name == "transformer" else args.n_layer}
 
@@ -173,6 +175,8 @@ def main():
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1: it measures memory)")
+    p.add_argument("--rounds", type=int, default=3, help="fresh processes per model, taken in turn with the other "
+                   "models' (their steps pooled), so that all are timed over the same minutes (default 3)")
     p.add_argument("--tf-layers", type=int, help="Transformer depth (default: the closest parameter count)")
     p.add_argument("--mamba2-d-state", type=int, default=128, help="Mamba-2's state size per channel (default: "
                    "128, the official block's and configs/mamba2.ini's)")
@@ -199,13 +203,17 @@ def main():
     precision = "bf16 autocast" if args.bf16 else "float32"
     rate = matmul_rate(args)
     print(f"training, d_model {args.d_model}, {args.n_layer} layers, vocabulary {args.vocab}, batch {args.batch} x "
-          f"{args.seq}, AdamW, {precision}, {device}, torch {torch.__version__}, median of {args.steps} steps")
+          f"{args.seq}, AdamW, {precision}, {device}, torch {torch.__version__}, median of {args.steps} steps x "
+          f"{args.rounds} rounds")
     print(f"matmul rate ({precision.split()[0]} torch.mm {args.mm_size}^3): {rate / 1e9:.1f} GFLOP/s\n")
     print("| model | parameters | step (ms) | tokens/s | MFLOP/token | GFLOP/s | MFU | peak memory |")
     print("|---|---|---|---|---|---|---|---|")
+    names = args.models.split(",")
+    rounds = [{name: run_one(name, args) for name in names} for _ in range(max(1, args.rounds))]
     results = {}
-    for name in args.models.split(","):
-        r = results[name] = run_one(name, args)
+    for name in names:  # the first round's memory (each a fresh process: the same), every round's steps
+        r = results[name] = rounds[0][name] | {"times": [t for rnd in rounds for t in rnd[name]["times"]]}
+        r["s"] = statistics.median(r["times"])
         r["tokens_per_s"] = args.batch * args.seq / r["s"]
         r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / rate
         label = f"transformer ({r['layers']} layer{'s' * (r['layers'] > 1)})" if name == "transformer" else name
