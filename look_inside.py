@@ -123,13 +123,25 @@ def context(labels, t, left=6):
     return "".join(visible[:-1]) + f"[{visible[-1]}]"
 
 
-def summarize(labels, stats, k=5, classes=None):
+HORIZONS = (2**12, 2**16, 2**20)  # retention lengths the memory summary counts state entries against
+
+
+def memory_horizons(layer, positions):
+    """The e-folding horizon of every state entry, in tokens, over the tokens at ``positions``: 1 / mean_t Δ_t |A|
+    ((d_inner, n); Mamba-2 (heads, 1)). A value written into an entry keeps exp(-L / horizon) of itself after L
+    such tokens: the entries that can carry a token across 2^20 of them need a horizon of that order."""
+    rate = layer["decay_step"][positions].mean(0)[:, None] * layer["A"].abs()
+    return 1 / rate
+
+
+def summarize(labels, stats, k=5, classes=None, layers=None):
     """Per layer: the k tokens with the largest and smallest mean Δ as (position, Δ), the mean Δ per character
     (characters seen at least twice), and overall means; with classes (a task's kind of each token: noise, data,
-    ...), the mean Δ per class and, for Selective Copying, its data/noise ratio. Returns a list of dicts
-    (JSON-able)."""
+    ...), the mean Δ per class and, for Selective Copying, its data/noise ratio; with layers (capture()'s), the
+    memory of the state over the most common kind of token (all tokens without classes): its longest horizon and
+    how many entries outlast each of HORIZONS (memory_horizons). Returns a list of dicts (JSON-able)."""
     out = []
-    for s in stats:
+    for i, s in enumerate(stats):
         delta = s["delta"]
         order = delta.argsort(descending=True).tolist()
         by_char = {}
@@ -147,6 +159,12 @@ def summarize(labels, stats, k=5, classes=None):
             out[-1]["by_class"] = by_class
             if {"data", "noise"} <= set(by_class):
                 out[-1]["data_noise_ratio"] = by_class["data"] / by_class["noise"]
+        if layers:
+            filler = max(set(classes), key=classes.count) if classes else "token"
+            positions = [t for t in range(len(labels)) if not classes or classes[t] == filler]
+            horizon = memory_horizons(layers[i], positions)
+            out[-1]["memory"] = {"over": filler, "longest": horizon.max().item(), "entries": horizon.numel(),
+                                 "outlasting": {str(h): int((horizon > h).sum()) for h in HORIZONS}}
     return out
 
 
@@ -163,6 +181,11 @@ def print_summary(labels, summary, file=None):
             ratio = f"; data/noise ratio {s['data_noise_ratio']:.3g}" if "data_noise_ratio" in s else ""
             print("  mean Δ by kind of token: " + ", ".join(f"{c} {d:.3g}" for c, d in s["by_class"].items())
                   + ratio, file=file)
+        if "memory" in s:
+            m = s["memory"]
+            counts = ", ".join(f"{n} beyond {int(h):,}" for h, n in m["outlasting"].items())
+            print(f"  memory over {m['over']} tokens (1/e horizon, 1 / mean Δ|A|): longest {m['longest']:,.0f} "
+                  f"tokens; of {m['entries']:,} state entries {counts}", file=file)
 
 
 def grid(cells):
@@ -243,7 +266,7 @@ def look_inside(ckpt, text=None, ids=None, out="delta.png", json_path=None, max_
     stats = per_token(layers)
     labels = token_labels(tokenizer, ids)
     classes = [tokenizer.token_class(i) for i in ids] if hasattr(tokenizer, "token_class") else None
-    summary = summarize(labels, stats, classes=classes)
+    summary = summarize(labels, stats, classes=classes, layers=layers)
     print_summary(labels, summary, file)
     draw([shown(lab, i) for lab, i in zip(labels, ids)], stats, out, f"{ckpt}: {len(ids)} tokens")
     print(f"wrote {out}", file=file)

@@ -109,6 +109,14 @@ def test_per_token_statistics_and_summary(ckpt, tmp_path):
         assert largest[0] == int(delta.mean(1).argmax()) and largest[1] == pytest.approx(delta.mean(1).max())
         spaces = [t for t, c in enumerate(labels) if c == " "]
         assert summary["by_char"][" "] == pytest.approx(delta.mean(1)[spaces].mean().item())
+        # memory over every token (text has no kinds): the entry that keeps a written value longest, by simulation:
+        # a 1 written before the text decays by exp(Δ_t A) at every token; its 1/e point is the horizon
+        kept = torch.exp((delta[:, :, None] * A).sum(0))                 # what is left of it after the text
+        horizon = -len(labels) / torch.log(kept)
+        memory = summary["memory"]
+        assert memory["over"] == "token" and memory["entries"] == A.numel()
+        assert memory["longest"] == pytest.approx(horizon.max().item(), rel=1e-5)
+        assert memory["outlasting"] == {str(h): int((horizon > h).sum()) for h in look_inside.HORIZONS}
 
 
 def test_the_script_writes_its_png_and_json(ckpt, tmp_path):
