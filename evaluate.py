@@ -1,7 +1,7 @@
 """Evaluate trained models: a task checkpoint at other lengths, and the perplexity of a text.
 
     python evaluate.py tasks --ckpt out/induction_heads/ckpt.pt [more] --lengths 64,256,1024,4096,16384,65536
-                             [--examples 256] [--json results.json] [--plot accuracy.png]
+                             [--examples 256] [--max-tokens N] [--json results.json] [--plot accuracy.png]
     python evaluate.py perplexity --ckpt out/ckpt.pt --val            # the checkpoint's held-out split
     python evaluate.py perplexity --pretrained DIR --text-file book.txt [--chunk 2048] [--window 256 --stride 128]
 
@@ -93,11 +93,24 @@ def plot(results, path, title):
     plt.close(fig)
 
 
+MIN_EXAMPLES = 8  # --max-tokens never cuts a length to fewer examples than this
+
+
+def examples_at(length, examples, max_tokens=None):
+    """How many examples to score at a length: ``examples``, cut to max_tokens // length (but not below
+    MIN_EXAMPLES) when max_tokens is given, so that the longest lengths cost about max_tokens tokens each."""
+    if max_tokens is None:
+        return examples
+    return min(examples, max(MIN_EXAMPLES, max_tokens // length))
+
+
 def task_accuracy(args):
     """python evaluate.py tasks: each checkpoint's accuracy at each length, printed, and to --json / --plot."""
     lengths = int_list(args.lengths, "--lengths")
     if args.examples < 1:
         die(f"--examples must be >= 1, got {args.examples}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        die(f"--max-tokens must be >= 1, got {args.max_tokens}")
     runs = []
     for path in args.ckpt:
         model, _, ckpt = load_checkpoint(path)
@@ -114,11 +127,12 @@ def task_accuracy(args):
                "trained_at": ckpt["config"]["training"]["seq_len"], "examples": args.examples, "results": []}
         print(f"{path}: {run['label']} on {task}, trained at length {run['trained_at']}")
         for length in lengths:
+            examples = examples_at(length, args.examples, args.max_tokens)
             started = time.perf_counter()
-            acc = accuracy_at(model, task, vocab, k, length, args.examples, seed=args.seed)
+            acc = accuracy_at(model, task, vocab, k, length, examples, seed=args.seed)
             seconds = time.perf_counter() - started
-            run["results"].append({"length": length, "accuracy": acc, "seconds": seconds})
-            print(f"  length {length:>8}: accuracy {100 * acc:6.2f}%  ({args.examples} examples, {seconds:.1f} s)")
+            run["results"].append({"length": length, "accuracy": acc, "seconds": seconds, "examples": examples})
+            print(f"  length {length:>8}: accuracy {100 * acc:6.2f}%  ({examples} examples, {seconds:.1f} s)")
             sys.stdout.flush()
         runs.append(run)
     if args.json:
@@ -221,6 +235,8 @@ def main(argv=None):
     t.add_argument("--lengths", default="64,128,256,512,1024,2048,4096,8192,16384",
                    help="comma-separated sequence lengths to evaluate")
     t.add_argument("--examples", type=int, default=256, help="examples per length (default 256)")
+    t.add_argument("--max-tokens", type=int, help=f"at most this many tokens a length: fewer examples at the "
+                   f"longest lengths (never under {MIN_EXAMPLES})")
     t.add_argument("--seed", type=int, default=0, help="seed of the evaluation examples (default 0)")
     t.add_argument("--json", help="also write the accuracies and timings to this file")
     t.add_argument("--plot", help="also draw accuracy against length into this PNG")

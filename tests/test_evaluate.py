@@ -51,11 +51,12 @@ def test_task_checkpoint_evaluates_at_other_lengths(tmp_path):
     train_task(tmp_path, "short", 2)
     out = tmp_path / "acc.json"
     command = [sys.executable, str(ROOT / "evaluate.py"), "tasks", "--ckpt", str(tmp_path / "short" / "ckpt.pt")]
-    result = subprocess.run(command + ["--lengths", "8,64", "--examples", "5", "--json", str(out)],
-                            capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(command + ["--lengths", "8,64,256", "--examples", "20", "--max-tokens", "1024",
+                                       "--json", str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())[0]["results"]
-    assert [r["length"] for r in results] == [8, 64] and all(0 <= r["accuracy"] <= 1 for r in results)
+    assert [r["length"] for r in results] == [8, 64, 256] and all(0 <= r["accuracy"] <= 1 for r in results)
+    assert [r["examples"] for r in results] == [20, 16, 8]    # 1024 // 64 = 16; 1024 // 256 = 4, raised to 8
     bad = subprocess.run(command + ["--lengths", "3"], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "the length >= 2 * task_tokens" in bad.stderr
 
