@@ -2,6 +2,7 @@
 
     python evaluate.py tasks --ckpt out/induction_heads/ckpt.pt [more] --lengths 64,256,1024,4096,16384,65536
                              [--examples 256] [--max-tokens N] [--json results.json] [--plot accuracy.png]
+    python evaluate.py plot results.json [more.json] --out accuracy.png      # several saved evaluations together
     python evaluate.py perplexity --ckpt out/ckpt.pt --val            # the checkpoint's held-out split
     python evaluate.py perplexity --pretrained DIR --text-file book.txt [--chunk 2048] [--window 256 --stride 128]
 
@@ -123,8 +124,10 @@ def task_accuracy(args):
             problem = check(task, vocab, k, length)
             if problem:
                 die(f"--lengths {length}: {problem.replace('seq_len', 'the length')}")
-        run = {"ckpt": path, "task": task, "label": describe(ckpt["config"]["model"]),
-               "trained_at": ckpt["config"]["training"]["seq_len"], "examples": args.examples, "results": []}
+        trained = ckpt["config"]["training"]
+        label = f"{describe(ckpt['config']['model'])}, {ckpt['step']:,} steps, seed {trained['seed']}"
+        run = {"ckpt": path, "task": task, "label": label,
+               "trained_at": trained["seq_len"], "examples": args.examples, "results": []}
         print(f"{path}: {run['label']} on {task}, trained at length {run['trained_at']}")
         for length in lengths:
             examples = examples_at(length, args.examples, args.max_tokens)
@@ -142,6 +145,20 @@ def task_accuracy(args):
     if args.plot:
         plot(runs, args.plot, f"{runs[0]['task'].replace('_', ' ')}: accuracy by test length")
         print(f"wrote {args.plot}")
+
+
+def plot_saved(args):
+    """python evaluate.py plot: the runs of several `tasks --json` files in one figure (evaluations of different
+    checkpoints can then run in separate processes, one core each)."""
+    runs = []
+    for path in args.json:
+        try:
+            with open(path) as f:
+                runs += json.load(f)
+        except (OSError, ValueError) as e:
+            die(f"{path}: not a file written by evaluate.py tasks --json ({e})")
+    plot(runs, args.out, f"{runs[0]['task'].replace('_', ' ')}: accuracy by test length")
+    print(f"wrote {args.out}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,6 +257,9 @@ def main(argv=None):
     t.add_argument("--seed", type=int, default=0, help="seed of the evaluation examples (default 0)")
     t.add_argument("--json", help="also write the accuracies and timings to this file")
     t.add_argument("--plot", help="also draw accuracy against length into this PNG")
+    g = commands.add_parser("plot", help="draw the accuracies of saved `tasks --json` files in one figure")
+    g.add_argument("json", nargs="+", help="files written by evaluate.py tasks --json")
+    g.add_argument("--out", required=True, help="the PNG to write")
     p = commands.add_parser("perplexity", help="loss and perplexity of a text, whole and by sliding window")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by main.py (default: out/ckpt.pt)")
@@ -254,6 +274,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "tasks":
         return task_accuracy(args)
+    if args.command == "plot":
+        return plot_saved(args)
     for flag, value in (("--chunk", args.chunk), ("--stride", args.stride)):
         if value < 1:
             die(f"{flag} must be >= 1, got {value}")

@@ -57,6 +57,15 @@ def test_task_checkpoint_evaluates_at_other_lengths(tmp_path):
     results = json.loads(out.read_text())[0]["results"]
     assert [r["length"] for r in results] == [8, 64, 256] and all(0 <= r["accuracy"] <= 1 for r in results)
     assert [r["examples"] for r in results] == [20, 16, 8]    # 1024 // 64 = 16; 1024 // 256 = 4, raised to 8
+    assert json.loads(out.read_text())[0]["label"] == "Mamba (S6), 2 steps, seed 0"   # tests/runs.py trains with seed 0
+    png = tmp_path / "both.png"
+    drawn = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "plot", str(out), str(out), "--out", str(png)],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert drawn.returncode == 0, drawn.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    not_json = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "plot", str(png), "--out", str(png)],
+                              capture_output=True, text=True, cwd=tmp_path)
+    assert not_json.returncode == 2 and not_json.stderr.count("\n") == 1 and "not a file written" in not_json.stderr
     bad = subprocess.run(command + ["--lengths", "3"], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "the length >= 2 * task_tokens" in bad.stderr
 
