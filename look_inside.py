@@ -36,7 +36,7 @@ from einops import rearrange  # noqa: E402
 from cli import die, encode, int_list, read_text  # noqa: E402
 from mamba2 import Mamba2Mixer  # noqa: E402
 from pretrained import load_checkpoint  # noqa: E402
-from tasks import make_batch  # noqa: E402
+from tasks import check, make_batch, trigger  # noqa: E402
 
 DEFAULT_TEXT = ('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n'
                 '    for _ in range(n):\n        a, b = b, a + b\n    return a\n')
@@ -134,12 +134,13 @@ def memory_horizons(layer, positions):
     return 1 / rate
 
 
-def summarize(labels, stats, k=5, classes=None, layers=None):
+def summarize(labels, stats, k=5, classes=None, layers=None, between=None):
     """Per layer: the k tokens with the largest and smallest mean Δ as (position, Δ), the mean Δ per character
     (characters seen at least twice), and overall means; with classes (a task's kind of each token: noise, data,
     ...), the mean Δ per class and, for Selective Copying, its data/noise ratio; with layers (capture()'s), the
-    memory of the state over the most common kind of token (all tokens without classes): its longest horizon and
-    how many entries outlast each of HORIZONS (memory_horizons). Returns a list of dicts (JSON-able)."""
+    memory of the state over ``between`` (positions; for Induction Heads, those after the token to remember and
+    before the query), else over the most common kind of token (all tokens without classes): its longest horizon
+    and how many entries outlast each of HORIZONS (memory_horizons). Returns a list of dicts (JSON-able)."""
     out = []
     for i, s in enumerate(stats):
         delta = s["delta"]
@@ -159,9 +160,12 @@ def summarize(labels, stats, k=5, classes=None, layers=None):
             out[-1]["by_class"] = by_class
             if {"data", "noise"} <= set(by_class):
                 out[-1]["data_noise_ratio"] = by_class["data"] / by_class["noise"]
-        if layers:
+        if layers and between:
+            filler, positions = "in-between", between
+        elif layers:
             filler = max(set(classes), key=classes.count) if classes else "token"
             positions = [t for t in range(len(labels)) if not classes or classes[t] == filler]
+        if layers:
             horizon = memory_horizons(layers[i], positions)
             out[-1]["memory"] = {"over": filler, "longest": horizon.max().item(), "entries": horizon.numel(),
                                  "outlasting": {str(h): int((horizon > h).sum()) for h in HORIZONS}}
@@ -237,9 +241,10 @@ def draw(cells, stats, path, title):
 
 
 def look_inside(ckpt, text=None, ids=None, out="delta.png", json_path=None, max_tokens=512, file=None,
-                task_example=None):
-    """Load ckpt, run text (or token ids, or with task_example = a seed, one example of the checkpoint's task at its
-    training length) through the model, write the PNG (and the JSON), print the summary to file (None: stdout).
+                task_example=None, length=None):
+    """Load ckpt, run text (or token ids, or with task_example = a seed, one example of the checkpoint's task, of
+    ``length`` tokens, default its training length) through the model, write the PNG (and the JSON), print the
+    summary to file (None: stdout).
     Returns {"ids", "labels", "layers": capture()'s list, "stats": per_token()'s list, "summary"}."""
     model, tokenizer, ckpt_dict = load_checkpoint(ckpt)
     if model.config.layer == "transformer":
@@ -248,8 +253,12 @@ def look_inside(ckpt, text=None, ids=None, out="delta.png", json_path=None, max_
         data = ckpt_dict["config"]["data"]
         if data.get("task", "none") == "none":
             die(f"--task-example: {ckpt} was trained on text, not on a task")
-        x, _ = make_batch(data["task"], data["task_vocab"], data["task_tokens"], 1,
-                          ckpt_dict["config"]["training"]["seq_len"], torch.Generator().manual_seed(task_example))
+        length = length or ckpt_dict["config"]["training"]["seq_len"]
+        problem = check(data["task"], data["task_vocab"], data["task_tokens"], length)
+        if problem:
+            die(f"--length {length}: {problem.replace('seq_len', 'the length')}")
+        x, _ = make_batch(data["task"], data["task_vocab"], data["task_tokens"], 1, length,
+                          torch.Generator().manual_seed(task_example))
         ids = x[0].tolist()
     if ids is None:
         ids = encode(tokenizer, text, "the text")
@@ -266,7 +275,11 @@ def look_inside(ckpt, text=None, ids=None, out="delta.png", json_path=None, max_
     stats = per_token(layers)
     labels = token_labels(tokenizer, ids)
     classes = [tokenizer.token_class(i) for i in ids] if hasattr(tokenizer, "token_class") else None
-    summary = summarize(labels, stats, classes=classes, layers=layers)
+    between = None
+    if task_example is not None and data["task"] == "induction_heads" and trigger(data["task_vocab"]) in ids[:-1]:
+        # the memory that matters: over the tokens after the one to remember and before the query
+        between = list(range(ids.index(trigger(data["task_vocab"])) + 2, len(ids) - 1)) or None
+    summary = summarize(labels, stats, classes=classes, layers=layers, between=between)
     print_summary(labels, summary, file)
     draw([shown(lab, i) for lab, i in zip(labels, ids)], stats, out, f"{ckpt}: {len(ids)} tokens")
     print(f"wrote {out}", file=file)
@@ -288,6 +301,8 @@ def main(argv=None):
     source.add_argument("--ids", help="comma-separated token ids, e.g. a task example that is not text")
     source.add_argument("--task-example", type=int, metavar="SEED",
                         help="one example of the checkpoint's task (Selective Copying, ...) drawn with this seed")
+    parser.add_argument("--length", type=int, help="--task-example's length (default: the training length; a "
+                        "long example measures the memory over many more tokens in between)")
     parser.add_argument("--out", default="delta.png", help="the PNG to write (default: delta.png)")
     parser.add_argument("--json", help="also write the per-token numbers and the summary to this JSON file")
     parser.add_argument("--max-tokens", type=int, default=512, help="look at the first this many tokens (512)")
@@ -298,8 +313,10 @@ def main(argv=None):
     elif args.ids:
         ids = int_list(args.ids, "--ids")
     default = text is None and ids is None and args.task_example is None
+    if args.length is not None and args.task_example is None:
+        die("--length is the length of a --task-example; give --task-example SEED")
     look_inside(args.ckpt, DEFAULT_TEXT if default else text, ids, args.out, args.json, args.max_tokens,
-                task_example=args.task_example)
+                task_example=args.task_example, length=args.length)
 
 
 if __name__ == "__main__":

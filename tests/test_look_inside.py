@@ -204,6 +204,32 @@ def test_task_example_with_ablation_switches(tmp_path, capsys):
     assert (tmp_path / "task.png").read_bytes().startswith(PNG)
 
 
+def test_induction_heads_memory_is_over_the_tokens_between_the_stored_one_and_the_query(tmp_path, capsys):
+    """--task-example with --length on an Induction Heads checkpoint: an example of that length, and the memory
+    measured over the positions after the token to remember and before the final trigger only."""
+    from tasks import induction_heads
+    from tokenizer import TaskTokenizer
+
+    torch.manual_seed(0)
+    config = MambaConfig(d_model=32, n_layer=2, vocab_size=16)
+    path = tmp_path / "ih.pt"
+    checkpoint.save_checkpoint({
+        "format": checkpoint.CKPT_FORMAT, "step": 0, "model": MambaLM(config).state_dict(), "optimizer": {},
+        "rng": {"torch": torch.get_rng_state(), "cuda": None}, "data_rng": [torch.Generator().get_state()],
+        "config": {"model": asdict(config), "data": {"task": "induction_heads", "task_vocab": 16, "task_tokens": 4},
+                   "training": {"seq_len": 40}},
+        "tokenizer": TaskTokenizer("induction_heads", 16).state_dict(), "metrics": {}}, path)
+    result = look_inside.look_inside(path, out=tmp_path / "ih.png", task_example=5, length=90)
+    ids = induction_heads(1, 90, 16, torch.Generator().manual_seed(5))[0][0].tolist()
+    assert result["ids"] == ids
+    between = list(range(ids.index(15) + 2, 89))
+    for layer, summary in zip(result["layers"], result["summary"]):
+        horizon = 1 / (layer["delta"][between].mean(0)[:, None] * layer["A"].abs())   # no selective A: step = Δ
+        assert summary["memory"]["over"] == "in-between"
+        assert summary["memory"]["longest"] == pytest.approx(horizon.max().item(), rel=1e-6)
+    assert "memory over in-between tokens" in capsys.readouterr().out
+
+
 def test_make_figures_writes_every_diagram(tmp_path):
     spec = importlib.util.spec_from_file_location("make_figures", ROOT / "assets" / "make_figures.py")
     make_figures = importlib.util.module_from_spec(spec)
