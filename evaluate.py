@@ -75,8 +75,9 @@ def describe(config):
     return "selective " + ", ".join("Δ" if name == "delta" else name for name in on)
 
 
-def plot(results, path, title):
+def plot(results, path):
     """Accuracy against length (log scale), one line per checkpoint, the training length marked."""
+    title = f"{results[0]['task'].replace('_', ' ')}: accuracy by test length"
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -143,7 +144,7 @@ def task_accuracy(args):
             json.dump(runs, f, indent=1)
         print(f"wrote {args.json}")
     if args.plot:
-        plot(runs, args.plot, f"{runs[0]['task'].replace('_', ' ')}: accuracy by test length")
+        plot(runs, args.plot)
         print(f"wrote {args.plot}")
 
 
@@ -157,7 +158,7 @@ def plot_saved(args):
                 runs += json.load(f)
         except (OSError, ValueError) as e:
             die(f"{path}: not a file written by evaluate.py tasks --json ({e})")
-    plot(runs, args.out, f"{runs[0]['task'].replace('_', ' ')}: accuracy by test length")
+    plot(runs, args.out)
     print(f"wrote {args.out}")
 
 

@@ -141,6 +141,11 @@ def summarize(labels, stats, k=5, classes=None, layers=None, between=None):
     memory of the state over ``between`` (positions; for Induction Heads, those after the token to remember and
     before the query), else over the most common kind of token (all tokens without classes): its longest horizon
     and how many entries outlast each of HORIZONS (memory_horizons). Returns a list of dicts (JSON-able)."""
+    if between:
+        filler, positions = "in-between", between
+    else:
+        filler = max(set(classes), key=classes.count) if classes else "token"
+        positions = [t for t in range(len(labels)) if not classes or classes[t] == filler]
     out = []
     for i, s in enumerate(stats):
         delta = s["delta"]
@@ -160,11 +165,6 @@ def summarize(labels, stats, k=5, classes=None, layers=None, between=None):
             out[-1]["by_class"] = by_class
             if {"data", "noise"} <= set(by_class):
                 out[-1]["data_noise_ratio"] = by_class["data"] / by_class["noise"]
-        if layers and between:
-            filler, positions = "in-between", between
-        elif layers:
-            filler = max(set(classes), key=classes.count) if classes else "token"
-            positions = [t for t in range(len(labels)) if not classes or classes[t] == filler]
         if layers:
             horizon = memory_horizons(layers[i], positions)
             out[-1]["memory"] = {"over": filler, "longest": horizon.max().item(), "entries": horizon.numel(),
@@ -276,9 +276,9 @@ def look_inside(ckpt, text=None, ids=None, out="delta.png", json_path=None, max_
     labels = token_labels(tokenizer, ids)
     classes = [tokenizer.token_class(i) for i in ids] if hasattr(tokenizer, "token_class") else None
     between = None
-    if task_example is not None and data["task"] == "induction_heads" and trigger(data["task_vocab"]) in ids[:-1]:
-        # the memory that matters: over the tokens after the one to remember and before the query
-        between = list(range(ids.index(trigger(data["task_vocab"])) + 2, len(ids) - 1)) or None
+    star = None if task_example is None or data["task"] != "induction_heads" else trigger(data["task_vocab"])
+    if star in ids[:-1]:  # the memory that matters: over the tokens after the one to remember, before the query
+        between = list(range(ids.index(star) + 2, len(ids) - 1)) or None
     summary = summarize(labels, stats, classes=classes, layers=layers, between=between)
     print_summary(labels, summary, file)
     draw([shown(lab, i) for lab, i in zip(labels, ids)], stats, out, f"{ckpt}: {len(ids)} tokens")
