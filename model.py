@@ -148,6 +148,15 @@ def _along_time(pattern, x):
     return rearrange(x, pattern) if x.dim() == 3 else x
 
 
+def _rows_per_input(weight):
+    """A Linear's weight (out, in), same shape and values, laid out in memory as its transpose: one row of `out`
+    numbers per input. Decoding one token multiplies a vector by every weight, and on a CPU (MKL) that product
+    runs markedly faster over this layout than over nn.Linear's row per output (bench/bench_generate.py; figures
+    in docs/performance.md); training's matrix products take either layout alike. load_state_dict copies into
+    it and .to() keeps it, so state_dicts and published checkpoints are unchanged."""
+    return nn.Parameter(weight.detach().t().contiguous().t())
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight over the last dim (Zhang & Sennrich 2019), computed in float32."""
 
@@ -210,6 +219,8 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.d_inner))
         self._A_kept = None  # (key, A) for decoding, see _A
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=config.bias)
+        self.in_proj.weight, self.out_proj.weight = (_rows_per_input(p) for p in (self.in_proj.weight,
+                                                                                 self.out_proj.weight))
         self._init_weights(config)
 
     def _dt_bias(self):

@@ -243,6 +243,21 @@ def test_dt_init_floor_and_zero_linear_biases():
     assert not mixer.in_proj.bias.any() and not mixer.out_proj.bias.any()
 
 
+def test_the_big_projections_keep_their_layout_and_official_shapes():
+    """in_proj and out_proj are stored one row per input (decoding's matrix-vector products run faster so); the
+    shapes and values are nn.Linear's, the layout survives load_state_dict and a cast, and the products equal
+    those of a contiguous copy of the same weight."""
+    model, fresh = small_model(seed=0), small_model(seed=1)
+    fresh.load_state_dict(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    for m in (model, fresh, fresh.double()):
+        for linear in (m.backbone.layers[0].mixer.in_proj, m.backbone.layers[0].mixer.out_proj):
+            assert linear.weight.shape == (linear.out_features, linear.in_features)
+            assert linear.weight.t().is_contiguous()
+    mixer = model.backbone.layers[0].mixer
+    x = torch.randn(3, mixer.in_proj.in_features)
+    torch.testing.assert_close(mixer.in_proj(x), x @ mixer.in_proj.weight.contiguous().t())
+
 # ---- optimiser groups -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tie", [True, False])
