@@ -42,15 +42,15 @@ overflows for any Δ >= 0 and A < 0 (unlike closed forms that divide by cumulati
 products or take a cumsum of exp). Python iterations: about 2T + log2(nc) forward instead of l.
 Backward is a custom autograd function, with the same two levels run backwards in time for the
 adjoint λ_t = C_t g_t + exp(Δ_{t+1} A) λ_{t+1}, and every gradient read off λ_t and h_t.
-The states h_t are kept for backward, and so is exp(Δ A) when there are several chunks (it is
-read by two forward passes and backward; exp costs far more than a multiplication): two (b, d, n, l)
-float32 tensors' worth, one with a single chunk, where exp(Δ A) is recomputed per step instead
-(_decays), fewer than the loop's autograd keeps, so memory grows linearly in l and stays below the
-loop's (tests/test_selective_scan_memory.py checks both; bench/bench_scan.py reports peaks). Without
-gradients no states are kept, and exp(Δ A) only with several chunks. Both are held as one slab per
-step rather than one big tensor: the allocator then reuses freed slabs from call to call instead
-of mapping and zeroing fresh pages for a full-size tensor, a large share of a call's time otherwise
-(`python bench/bench_scan.py` measures it; figures in docs/performance.md).
+The states h_t are kept for backward: one (b, d, n, l) float32 tensor's worth (exp(Δ A) too, read by
+two forward passes and backward, but only while all of it fits in a cache; larger, it is recomputed
+per step, in cache, rather than written to memory and read back: _decays), fewer than the loop's
+autograd keeps, so memory grows linearly in l and stays below the loop's
+(tests/test_selective_scan_memory.py checks both; bench/bench_scan.py reports peaks). Without
+gradients no states are kept. They are held as one slab per step rather than one big tensor: the
+allocator then reuses freed slabs from call to call instead of mapping and zeroing fresh pages for a
+full-size tensor, a large share of a call's time otherwise (`python bench/bench_scan.py` measures it;
+figures in docs/performance.md).
 """
 import math
 
@@ -279,18 +279,20 @@ def _log2_rate(A):
     return (rearrange(A, "d n -> n d") * math.log2(math.e)).contiguous()
 
 
-def _decays(step, A2, nc):
+KEPT_DECAYS_BYTES = 2 ** 23  # exp(Δ A) for every step is kept when it all fits in 8 MiB (a cache), else recomputed
+
+
+def _decays(step, A2):
     """exp(Δ_t A) = exp2(step_t A2) for every step t, (b, nc, n, d) each.
 
-    With several chunks, two forward passes and backward read each one: computed once, kept as one
-    slab per step rather than one (T, ...) tensor, so the allocator reuses freed slabs instead of
-    mapping (and zeroing) fresh pages for a full-size tensor at every call. With a single chunk
-    (wide inputs on CPU) each is read once per pass: then recomputing it into one scratch slab,
-    which stays in cache, is faster than writing a full-size copy to memory and reading it back
-    (`python bench/bench_scan.py`, the wide sizes; figures in docs/performance.md), and that copy's
-    memory is saved.
+    Two forward passes (with several chunks) and backward read each one. When all of them fit in a
+    cache (KEPT_DECAYS_BYTES) they are computed once and kept, as one slab per step rather than one
+    (T, ...) tensor, so the allocator reuses freed slabs. Larger, they would be written to memory and
+    read back from it by every pass: recomputing each into one scratch slab, which stays in cache, is
+    faster then (`python bench/bench_scan.py`; figures in docs/performance.md), and the full-size
+    copy's memory is saved.
     """
-    if nc > 1:
+    if len(step) * step[0].numel() * A2.shape[0] * step.element_size() <= KEPT_DECAYS_BYTES:
         return [torch.mul(step[t], A2).exp2_() for t in range(len(step))]
     return _RecomputedDecays(step, A2)
 
@@ -326,7 +328,7 @@ class _SelectiveScan(torch.autograd.Function):
         x = dt * u                                  # Euler's Δ_t u_t
         nc = dt.shape[2]
         A2 = _log2_rate(A)
-        dA = _decays(step, A2, nc)
+        dA = _decays(step, A2)
 
         first = None if h0 is None else rearrange(h0, "b d n -> b n d")     # what enters chunk 0
         if nc == 1:
@@ -350,7 +352,7 @@ class _SelectiveScan(torch.autograd.Function):
             _sum_n(Cs[t], h, y[t], C.dim() == 3)
             if keep:
                 H.append(h)
-        ctx.save_for_backward(u, dt, scale, A, Bs, Cs, starts, *H, *(dA if nc > 1 else []))
+        ctx.save_for_backward(u, dt, scale, A, Bs, Cs, starts, *H, *(dA if isinstance(dA, list) else []))
         ctx.selective = B.dim() == 3, C.dim() == 3
         return _from_chunks(y[..., 0, :], l), rearrange(h[:, -1], "b n d -> b d n").contiguous()
 
@@ -360,7 +362,7 @@ class _SelectiveScan(torch.autograd.Function):
         step = dt if scale is None else dt * scale
         T, b, nc, _, d = u.shape
         A2 = _log2_rate(A)
-        H, dA = slabs[:T], (slabs[T:] if nc > 1 else _decays(step, A2, nc))
+        H, dA = slabs[:T], (slabs[T:] or _decays(step, A2))
         l = gy.shape[-1]
         x = dt * u
         g = _to_chunks(gy, T)[..., None, :]         # (T, b, nc, 1, d)
