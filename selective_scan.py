@@ -43,7 +43,7 @@ products or take a cumsum of exp). Python iterations: about 2T + log2(nc) forwar
 Backward is a custom autograd function, with the same two levels run backwards in time for the
 adjoint λ_t = C_t g_t + exp(Δ_{t+1} A) λ_{t+1}, and every gradient read off λ_t and h_t.
 The states h_t are kept for backward: one (b, d, n, l) float32 tensor's worth (exp(Δ A) too, read by
-two forward passes and backward, but only while all of it fits in a cache; larger, it is recomputed
+two forward passes and backward, on a GPU and while all of it fits in a cache; else it is recomputed
 per step, in cache, rather than written to memory and read back: _decays), fewer than the loop's
 autograd keeps, so memory grows linearly in l and stays below the loop's
 (tests/test_selective_scan_memory.py checks both; bench/bench_scan.py reports peaks). Without
@@ -279,20 +279,22 @@ def _log2_rate(A):
     return (rearrange(A, "d n -> n d") * math.log2(math.e)).contiguous()
 
 
-KEPT_DECAYS_BYTES = 2 ** 23  # exp(Δ A) for every step is kept when it all fits in 8 MiB (a cache), else recomputed
+KEPT_DECAYS_BYTES = 2 ** 23  # on CPU exp(Δ A) of every step is kept when it all fits in 8 MiB (a cache)
 
 
 def _decays(step, A2):
     """exp(Δ_t A) = exp2(step_t A2) for every step t, (b, nc, n, d) each.
 
-    Two forward passes (with several chunks) and backward read each one. When all of them fit in a
-    cache (KEPT_DECAYS_BYTES) they are computed once and kept, as one slab per step rather than one
-    (T, ...) tensor, so the allocator reuses freed slabs. Larger, they would be written to memory and
-    read back from it by every pass: recomputing each into one scratch slab, which stays in cache, is
-    faster then (`python bench/bench_scan.py`; figures in docs/performance.md), and the full-size
-    copy's memory is saved.
+    With several chunks, two forward passes and backward read each one. On CPU, when all of them fit
+    in a cache (KEPT_DECAYS_BYTES), they are computed once and kept, as one slab per step rather than
+    one (T, ...) tensor, so the allocator reuses freed slabs. Larger, or with a single chunk (read once
+    per pass), they would be written to memory and read back from it: recomputing each into one
+    scratch slab, which stays in cache, is faster then (`python bench/bench_scan.py`; figures in
+    docs/performance.md), and the full-size copy's memory is saved. On a GPU, where recomputing costs
+    kernel launches rather than memory traffic, several chunks always keep them.
     """
-    if len(step) * step[0].numel() * A2.shape[0] * step.element_size() <= KEPT_DECAYS_BYTES:
+    fits = len(step) * step[0].numel() * A2.shape[0] * step.element_size() <= KEPT_DECAYS_BYTES
+    if step.shape[2] > 1 and (fits or step.device.type != "cpu"):
         return [torch.mul(step[t], A2).exp2_() for t in range(len(step))]
     return _RecomputedDecays(step, A2)
 

@@ -46,6 +46,25 @@ def test_gpu_chunk_rule_on_cpu(l, layout, monkeypatch):
         assert rel_err(g_fn[k], g_ref[k]) < 1e-10, (k, rel_err(g_fn[k], g_ref[k]))
 
 
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1]], ids=LAYOUT_IDS[:2])
+@pytest.mark.parametrize("l", [100, 1000])
+def test_decays_recomputed_with_several_chunks(l, layout, monkeypatch):
+    """Large inputs on CPU recompute exp(Δ A) in every pass instead of keeping it (KEPT_DECAYS_BYTES); the
+    inputs of this test are small, so the limit is lowered to make them take that path (10 and 31 chunks)."""
+    import selective_scan
+    made, recomputed = [], selective_scan._RecomputedDecays
+    monkeypatch.setattr(selective_scan, "KEPT_DECAYS_BYTES", 0)
+    monkeypatch.setattr(selective_scan, "_RecomputedDecays", lambda *a: made.append(a) or recomputed(*a))
+    kw = make_inputs(2, 3, 4, l, *layout, dtype=torch.float64, seed=300 + l)
+    check_against_truth(kw, 1e-10, scans=("fn",))
+    gy = torch.randn((2, 3, l), generator=torch.Generator().manual_seed(l), dtype=torch.float64)
+    gh = torch.randn((2, 3, 4), generator=torch.Generator().manual_seed(l + 1), dtype=torch.float64)
+    g_fn, g_ref = grads_of(selective_scan_fn, kw, gy, gh), grads_of(selective_scan_ref, kw, gy, gh)
+    for k in g_ref:
+        assert rel_err(g_fn[k], g_ref[k]) < 1e-10, (k, rel_err(g_fn[k], g_ref[k]))
+    assert made and all(step.shape[2] > 1 for step, _ in made)  # forward and backward, several chunks
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("b,d,n", [(2, 1, 4), (1, 1, 1), (1, 3, 1)])
 def test_gradients_degenerate_sizes(b, d, n, layout):
