@@ -26,6 +26,18 @@ def test_gradients_match_reference(l, layout, dtype, tol):
         assert rel_err(g_fn[k], g_ref[k]) < tol, (k, rel_err(g_fn[k], g_ref[k]))
 
 
+def fn_matches_truth_and_reference(l, layout, seed):
+    """(b, d, n) = (2, 3, 4), float64: selective_scan_fn's forward against the truth, its gradients against
+    the reference's."""
+    kw = make_inputs(2, 3, 4, l, *layout, dtype=torch.float64, seed=seed)
+    check_against_truth(kw, 1e-10, scans=("fn",))
+    gy = torch.randn((2, 3, l), generator=torch.Generator().manual_seed(l), dtype=torch.float64)
+    gh = torch.randn((2, 3, 4), generator=torch.Generator().manual_seed(l + 1), dtype=torch.float64)
+    g_fn, g_ref = grads_of(selective_scan_fn, kw, gy, gh), grads_of(selective_scan_ref, kw, gy, gh)
+    for k in g_ref:
+        assert rel_err(g_fn[k], g_ref[k]) < 1e-10, (k, rel_err(g_fn[k], g_ref[k]))
+
+
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1]], ids=LAYOUT_IDS[:2])
 @pytest.mark.parametrize("l", [1, 2, 100, 1000])
 def test_gpu_chunk_rule_on_cpu(l, layout, monkeypatch):
@@ -37,13 +49,7 @@ def test_gpu_chunk_rule_on_cpu(l, layout, monkeypatch):
     assert [gpu_rule(l_, 2 * 3 * 4, True) for l_ in (1, 2, 100, 1000)] == [1, 2, 4, 4]
     assert [gpu_rule(l_, 8 * 16 * 1536, True) for l_ in (256, 1024, 4096)] == [7, 14, 16]
     monkeypatch.setattr(selective_scan, "_chunk_len", lambda l_, slab, on_gpu: gpu_rule(l_, slab, True))
-    kw = make_inputs(2, 3, 4, l, *layout, dtype=torch.float64, seed=200 + l)
-    check_against_truth(kw, 1e-10, scans=("fn",))
-    gy = torch.randn((2, 3, l), generator=torch.Generator().manual_seed(l), dtype=torch.float64)
-    gh = torch.randn((2, 3, 4), generator=torch.Generator().manual_seed(l + 1), dtype=torch.float64)
-    g_fn, g_ref = grads_of(selective_scan_fn, kw, gy, gh), grads_of(selective_scan_ref, kw, gy, gh)
-    for k in g_ref:
-        assert rel_err(g_fn[k], g_ref[k]) < 1e-10, (k, rel_err(g_fn[k], g_ref[k]))
+    fn_matches_truth_and_reference(l, layout, seed=200 + l)
 
 
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1]], ids=LAYOUT_IDS[:2])
@@ -55,13 +61,7 @@ def test_decays_recomputed_with_several_chunks(l, layout, monkeypatch):
     made, recomputed = [], selective_scan._RecomputedDecays
     monkeypatch.setattr(selective_scan, "KEPT_DECAYS_BYTES", 0)
     monkeypatch.setattr(selective_scan, "_RecomputedDecays", lambda *a: made.append(a) or recomputed(*a))
-    kw = make_inputs(2, 3, 4, l, *layout, dtype=torch.float64, seed=300 + l)
-    check_against_truth(kw, 1e-10, scans=("fn",))
-    gy = torch.randn((2, 3, l), generator=torch.Generator().manual_seed(l), dtype=torch.float64)
-    gh = torch.randn((2, 3, 4), generator=torch.Generator().manual_seed(l + 1), dtype=torch.float64)
-    g_fn, g_ref = grads_of(selective_scan_fn, kw, gy, gh), grads_of(selective_scan_ref, kw, gy, gh)
-    for k in g_ref:
-        assert rel_err(g_fn[k], g_ref[k]) < 1e-10, (k, rel_err(g_fn[k], g_ref[k]))
+    fn_matches_truth_and_reference(l, layout, seed=300 + l)
     assert made and all(step.shape[2] > 1 for step, _ in made)  # forward and backward, several chunks
 
 
