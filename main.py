@@ -23,7 +23,7 @@ import tasks
 from cli import die
 from config import ConfigError, config_text, load
 from data import Batches, DataConfig, DataError, load_dataset
-from model import MambaConfig
+from mamba_config import MambaConfig
 from pretrained import PretrainedError, build_model, read_config, read_tokenizer, resolve
 from tokenizer import TaskTokenizer
 from train import Run, TrainConfig, train

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from checkpoint import PretrainedError, read_checkpoint, resolve
 from cli import die
-from model import MambaConfig, MambaLM, pretrained_config
+from mamba_config import MambaConfig, pretrained_config
+from model import MambaLM
 from tokenizer import HFTokenizer, Tokenizer
 from transformer import TransformerLM
 

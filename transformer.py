@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from model import PREFILL_CHUNK, MambaConfig, RMSNorm, _compute_dtype
+from mamba_config import MambaConfig
+from model import PREFILL_CHUNK, RMSNorm, _compute_dtype
 from sampling import Generation, check_left_padding
 
 ROPE_BASE = 10000.0  # the rotation of channel pair i turns by position / ROPE_BASE^(2i / d_head): RoPE's choice

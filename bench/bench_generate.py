@@ -48,7 +48,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import MambaConfig, MambaLM, param_count  # noqa: E402
+from mamba_config import MambaConfig, param_count  # noqa: E402
+from model import MambaLM  # noqa: E402
 from transformer import TransformerLM  # noqa: E402
 
 DECODERS = ("ours", "full", "transformer", "hf")

@@ -24,7 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 from bench_scan import first_run_peak  # noqa: E402
 
-from model import MambaConfig, MambaLM  # noqa: E402
+from mamba_config import MambaConfig  # noqa: E402
+from model import MambaLM  # noqa: E402
 
 
 def measure_one(length, chunk, args):

@@ -60,7 +60,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 from bench_generate import MambapyLM, sync, transformer_config  # noqa: E402  (the baselines are defined there)
 from bench_scan import first_run_peak  # noqa: E402
 
-from model import MambaConfig  # noqa: E402
+from mamba_config import MambaConfig  # noqa: E402
 from pretrained import build_model  # noqa: E402
 
 MODELS = ("ours", "mamba2", "mambapy", "transformer")

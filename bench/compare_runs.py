@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from cli import die  # noqa: E402
-from model import MambaConfig  # noqa: E402
+from mamba_config import MambaConfig  # noqa: E402
 from pretrained import build_model  # noqa: E402
 
 # Never what makes two runs different settings (the seed and folder), or shown in a column of its own.

@@ -1,7 +1,8 @@
 """The small model and token ids that the model and sampling tests share."""
 import torch
 
-from model import MambaConfig, MambaLM
+from mamba_config import MambaConfig
+from model import MambaLM
 
 VOCAB = 50  # padded to 56 by the default multiple of 8: the padding ids must never be sampled
 

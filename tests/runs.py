@@ -2,7 +2,7 @@
 import main
 import train
 from data import DataConfig
-from model import MambaConfig
+from mamba_config import MambaConfig
 from train import TrainConfig
 
 

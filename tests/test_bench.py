@@ -97,7 +97,7 @@ def test_bench_prefill_prints_chunked_and_one_pass_rows():
 def test_compare_runs_tables_two_seeds_and_another_model(tmp_path):
     """Three tiny runs: the per-run rows carry log.csv's last figures, the seed groups their mean and spread."""
     from data import DataConfig
-    from model import MambaConfig
+    from mamba_config import MambaConfig
     from runs import train_run
     from train import TrainConfig
     (tmp_path / "corpus.txt").write_text("the cat sat on the mat. " * 400, encoding="utf-8")

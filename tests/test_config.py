@@ -15,7 +15,7 @@ import config
 import main
 from config import ConfigError, parse_value, write_config
 from data import DataConfig
-from model import MambaConfig
+from mamba_config import MambaConfig
 from train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

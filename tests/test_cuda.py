@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import MambaConfig, MambaLM
+from mamba_config import MambaConfig
+from model import MambaLM
 from selective_scan import selective_scan_fn, selective_scan_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import evaluate
 import tasks
-from model import MambaConfig, MambaLM
+from mamba_config import MambaConfig
+from model import MambaLM
 from runs import train_task
 
 ROOT = Path(__file__).resolve().parents[1]

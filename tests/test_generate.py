@@ -10,7 +10,7 @@ import torch
 
 import generate
 from data import DataConfig
-from model import MambaConfig
+from mamba_config import MambaConfig
 from pretrained import load_checkpoint
 from runs import train_run
 from train import TrainConfig

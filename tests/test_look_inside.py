@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import checkpoint
 import look_inside
-from model import MambaConfig, MambaLM
+from mamba_config import MambaConfig
+from model import MambaLM
 from pretrained import load_checkpoint
 from ssd import ssd_chunked
 from tokenizer import ByteTokenizer

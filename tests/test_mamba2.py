@@ -11,7 +11,8 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HFMamba2Mi
 from data import DataConfig
 from look_inside import look_inside
 from mamba2 import Mamba2Mixer
-from model import MambaConfig, MambaLM, param_count
+from mamba_config import MambaConfig, param_count
+from model import MambaLM
 from pretrained import export, load_checkpoint
 from runs import train_run
 from train import TrainConfig

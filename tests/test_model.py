@@ -1,6 +1,6 @@
-"""Tests of model.py: causality, recurrent decoding (prefill continuing the cache), parameter count, agreement
-with transformers' independent Mamba, initialisation statistics, optimiser groups and config validation."""
-import dataclasses
+"""Tests of model.py: causality, recurrent decoding (prefill continuing the cache), agreement with transformers'
+independent Mamba, initialisation statistics and layout, optimiser groups and the selectivity switches.
+MambaConfig and param_count: test_mamba_config.py."""
 import importlib.util
 import math
 
@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MambaConfig, MambaLM, param_count
+from mamba_config import MambaConfig, param_count
+from model import MambaLM
 from models import VOCAB, random_ids, small_model
 from selective_scan import selective_scan_ref
 
@@ -170,17 +171,6 @@ def test_backward_reaches_every_parameter():
     F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-
-
-# ---- parameters -----------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("overrides", [{}, dict(tie_embeddings=False), dict(bias=True, conv_bias=False, dt_rank=5),
-                                       dict(expand=3, d_state=4, d_conv=2, pad_vocab_size_multiple=1)])
-def test_parameter_count_matches_the_formula(overrides):
-    model = small_model(**overrides)
-    distinct = {p.data_ptr(): p.numel() for p in model.state_dict().values()}  # tied weights: one storage
-    assert model.num_params() == param_count(model.config) == sum(distinct.values())
-    assert (model.lm_head.weight is model.backbone.embedding.weight) == model.config.tie_embeddings
 
 
 def test_logits_match_transformers_mamba():
@@ -368,24 +358,3 @@ def test_time_invariant_mixer_is_the_s4_convolution():
         y = F.conv1d(F.pad(u, (39, 0)), kernel.flip(-1)[:, None], groups=u.shape[1]) + mixer.D[:, None] * u
         expected = mixer.out_proj((y * F.silu(z)).transpose(1, 2))
         torch.testing.assert_close(mixer(hidden), expected, rtol=1e-10, atol=1e-12)
-
-
-# ---- config -----------------------------------------------------------------------------------------------------
-
-def test_config_derived_sizes_and_field_docs():
-    config = MambaConfig(d_model=33, n_layer=1, vocab_size=50, expand=3)
-    assert (config.d_inner, config.dt_rank_value, config.padded_vocab_size) == (99, 3, 56)
-    assert MambaConfig(d_model=32, n_layer=1, vocab_size=48, dt_rank=7).dt_rank_value == 7
-    assert MambaConfig(d_model=32, n_layer=1, vocab_size=48).padded_vocab_size == 48
-    for f in dataclasses.fields(MambaConfig):
-        assert f.metadata.get("doc"), f.name
-
-
-@pytest.mark.parametrize("field, value", [
-    ("d_model", 0), ("n_layer", -1), ("vocab_size", 0), ("d_state", 0), ("d_conv", 0), ("expand", 0),
-    ("expand", 1.5), ("dt_rank", 0), ("dt_rank", "big"), ("dt_min", 0.0), ("dt_max", 1e-4), ("dt_scale", 0.0),
-    ("dt_init_floor", -1.0), ("norm_eps", 0.0), ("pad_vocab_size_multiple", 0), ("scan", "slow"), ("d_model", True),
-])
-def test_config_rejects_impossible_values(field, value):
-    with pytest.raises(ValueError, match=field):
-        MambaConfig(**{"d_model": 32, "n_layer": 2, "vocab_size": 50, field: value})

@@ -19,7 +19,8 @@ from transformers import MambaConfig as HFMambaConfig
 
 import main
 from data import Batches, DataConfig, load_dataset
-from model import MambaConfig, MambaLM
+from mamba_config import MambaConfig
+from model import MambaLM
 from pretrained import PretrainedError, load_checkpoint, load_pretrained, read_config, read_tokenizer
 from runs import train_run
 from tokenizer import HFTokenizer

@@ -19,7 +19,8 @@ import config
 import main
 import train
 from data import Batches, DataConfig, load_dataset
-from model import MambaConfig, MambaLM
+from mamba_config import MambaConfig
+from model import MambaLM
 from pretrained import load_checkpoint
 from runs import train_run
 from train import TrainConfig

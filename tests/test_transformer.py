@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import MambaConfig
+from mamba_config import MambaConfig
 from transformer import TransformerLM, rotate
 
 VOCAB = 50
