@@ -60,7 +60,8 @@ class _CausalConv(torch.autograd.Function):
                 gw[k - 1 - s] = (later * earlier).sum((0, 1))
             if gx is not None and s:
                 gx[:, :-s].addcmul_(later, weight[k - 1 - s])
-        return gx, gw, g.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        gb = g.sum((0, 1)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
 
 
 def causal_conv1d_step(x, conv, window):

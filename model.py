@@ -117,8 +117,8 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=config.bias)
         self._init_weights(config)
         # after the initialisation, which then fills them in the order it always did (same values for a seed)
-        self.in_proj.weight, self.out_proj.weight = (_rows_per_input(p) for p in (self.in_proj.weight,
-                                                                                 self.out_proj.weight))
+        self.in_proj.weight = _rows_per_input(self.in_proj.weight)
+        self.out_proj.weight = _rows_per_input(self.out_proj.weight)
 
     def _dt_bias(self):
         """The bias added to dt before the softplus: dt_proj's (selective Δ) or the per-channel dt_bias."""
