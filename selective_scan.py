@@ -45,9 +45,8 @@ adjoint λ_t = C_t g_t + exp(Δ_{t+1} A) λ_{t+1}, and every gradient read off �
 The states h_t are kept for backward: one (b, d, n, l) float32 tensor's worth (exp(Δ A) too, read by
 two forward passes and backward, when there are several chunks and either a GPU or all of it fitting in
 a cache; else it is recomputed per step, in cache, rather than written to memory and read back:
-_decays), fewer than the loop's
-autograd keeps, so memory grows linearly in l and stays below the loop's
-(tests/test_selective_scan_memory.py checks both; bench/bench_scan.py reports peaks). Without
+_decays), fewer than the loop's autograd keeps, so memory grows linearly in l and stays below the
+loop's (tests/test_selective_scan_memory.py checks both; bench/bench_scan.py reports peaks). Without
 gradients no states are kept. They are held as one slab per step rather than one big tensor: the
 allocator then reuses freed slabs from call to call instead of mapping and zeroing fresh pages for a
 full-size tensor, a large share of a call's time otherwise (`python bench/bench_scan.py` measures it;
