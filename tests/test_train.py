@@ -284,8 +284,8 @@ def test_ctrl_c_in_main_saves_and_exits_130_then_resume_finishes(corpus, tmp_pat
 
 
 def test_compile_trains_like_eager(corpus, tmp_path):
-    """[training] compile = true on the CPU (torch.compile of the model, the scan's own backward included):
-    the same validation losses as the eager run, to float tolerance. Slow (compilation), but the path must run."""
+    """[training] compile = true on the CPU (torch.compile of the model around the eager fast scan): the same
+    validation losses as the eager run, to float tolerance. Slow (compilation), but the path must run."""
     eager = read_log_losses(tmp_path / "eager", corpus, compile=False)
     compiled = read_log_losses(tmp_path / "compiled", corpus, compile=True)
     assert compiled == pytest.approx(eager, rel=1e-4) and eager[-1] < eager[0]
