@@ -409,14 +409,15 @@ class _SelectiveScan(torch.autograd.Function):
                 g_A.sum((0, 1)).t(), unchunk(g_B, sel_B), unchunk(g_C, sel_C), g_scale, g_h0, None)
 
 
-@torch.compiler.disable  # torch.compile would unroll its loops into the graph: minutes, no faster steps
+@torch.compiler.disable
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False, A_scale=None, initial_state=None):
     """The fast selective scan: same signature and results as selective_scan_ref.
 
     Pure PyTorch, differentiable (initial_state included), CPU or GPU, any length. Runs in float32
     (float64 stays float64) with autocast off, because exp(Δ A) products lose too much in bfloat16.
-    Under torch.compile it runs eagerly (docs/training.md measures why)."""
+    Under torch.compile it runs eagerly: compiled, its Python loops would be unrolled into the graph
+    (docs/training.md)."""
     G = _groups(B, C, u.shape[1])
     if G > 1:  # each group of d / G channels is a scan of its own, with its own B and C
         return _scan_by_group(G, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
