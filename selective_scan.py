@@ -416,8 +416,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
 
     Pure PyTorch, differentiable (initial_state included), CPU or GPU, any length. Runs in float32
     (float64 stays float64) with autocast off, because exp(Δ A) products lose too much in bfloat16.
-    Under torch.compile it runs eagerly: compiled, its Python loops would be unrolled into the graph
-    (docs/training.md)."""
+    Under torch.compile it runs eagerly: its Python loops would be unrolled into the graph (docs/training.md)."""
     G = _groups(B, C, u.shape[1])
     if G > 1:  # each group of d / G channels is a scan of its own, with its own B and C
         return _scan_by_group(G, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
