@@ -1,6 +1,7 @@
 """Gradients of selective_scan.py's fast path: against the reference's (autograd through the sequential loop)
 for every input, layout and option, at degenerate sizes, with one upstream gradient or the other, with the GPU's
-chunking run on the CPU, and against finite differences (gradcheck). Inputs and helpers: scan_truth.py.
+chunking and a single chunk forced on small inputs, and against finite differences (gradcheck). Inputs and
+helpers: scan_truth.py.
 CPU, one thread, well under a minute.
 """
 import pytest
@@ -50,6 +51,18 @@ def test_gpu_chunk_rule_on_cpu(l, layout, monkeypatch):
     assert [gpu_rule(l_, 8 * 16 * 1536, True) for l_ in (256, 1024, 4096)] == [7, 14, 16]
     monkeypatch.setattr(selective_scan, "_chunk_len", lambda l_, slab, on_gpu: gpu_rule(l_, slab, True))
     fn_matches_truth_and_reference(l, layout, seed=200 + l)
+
+
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1]], ids=LAYOUT_IDS[:2])
+@pytest.mark.parametrize("l", [1, 100, 1000])
+def test_single_chunk_on_cpu(l, layout, monkeypatch):
+    """From 2^15 elements a step (the default model's size) the CPU scans in one chunk, level one skipped;
+    these inputs are small, so the rule is checked, then forced."""
+    import selective_scan
+    rule = selective_scan._chunk_len
+    assert [rule(256, slab, False) for slab in (8 * 16 * 512, 2 ** 15, 2 ** 15 - 1)] == [256, 256, 32]
+    monkeypatch.setattr(selective_scan, "_chunk_len", lambda l_, slab, on_gpu: l_)
+    fn_matches_truth_and_reference(l, layout, seed=400 + l)
 
 
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1]], ids=LAYOUT_IDS[:2])
