@@ -21,32 +21,29 @@ Three entry points, all with the official `mamba_ssm` signatures:
 
 How the fast path works, and why this algorithm (measured by `python bench/bench_scan.py`, which
 compares it with the loop and with a parallel scan; the figures are in docs/performance.md).
-The recurrence is cheap per element but has l sequential steps, and eager PyTorch pays a fixed
-cost of microseconds per operation. A loop over l (the reference) is therefore slow when b*d is
-small, and autograd through it stores several (b, d, n) tensors per step. A log-depth parallel
-scan (Blelloch as in mambapy's pscan, Hillis-Steele) does log2(l) strided passes each way over
-(b, d, n, l) tensors, pads l to a power of two and keeps many full-size copies for backward;
-on CPU it is slower than the loop. We use a two-level chunked scan instead. The sequence is
-cut into nc chunks of T steps, and:
+The recurrence is cheap per element but has l sequential steps, and eager PyTorch pays microseconds
+per operation: a loop over l (the reference) is slow when b*d is small, and autograd through it stores
+several (b, d, n) tensors per step. A log-depth parallel scan (Blelloch as in mambapy's pscan) makes
+log2(l) strided passes each way over (b, d, n, l) tensors padded to a power of two, and keeps many
+full-size copies for backward: on CPU, slower than the loop. Instead, a two-level chunked scan cuts the
+sequence into nc chunks of T steps:
   1. every chunk is scanned from a zero state, all chunks at once (a loop of T steps over
-     (b, nc, n, d) slabs), to find where each chunk's state would end;
+     ((b nc), n, d) slabs), to find where each chunk's state would end;
   2. the chunks' ends are chained, start_{c+1} = exp(A ΣΔ_c) start_c + end_c, by a log-depth
      (Hillis-Steele) scan over the nc chunks;
   3. every chunk is scanned again from its true starting state, emitting y_t.
 On CPU there are chunks only when b*d is small, enough that a step's slab is about 1 MiB (at most
 sqrt(l)); larger b*d gets nc = 1, a plain scan, and level 1 is skipped. On a GPU every operation costs
 a launch whatever its size, so the chunks are short (T = 4 to 16) and the chain few launches (_chunk_len).
-Only multiplications by exp(Δ A) <= 1 appear, exactly as in the sequential loop, so nothing
-overflows for any Δ >= 0 and A < 0 (unlike closed forms that divide by cumulative
-products or take a cumsum of exp). Python iterations: about 2T + log2(nc) forward instead of l.
+Only multiplications by exp(Δ A) <= 1 appear, as in the sequential loop, so nothing overflows for any
+Δ >= 0 and A < 0 (unlike closed forms that divide by cumulative products or take a cumsum of exp).
 Backward is a custom autograd function, with the same two levels run backwards in time for the
 adjoint λ_t = C_t g_t + exp(Δ_{t+1} A) λ_{t+1}, and every gradient read off λ_t and h_t.
 The states h_t are kept for backward, one (b, d, n, l) float32 tensor's worth (exp(Δ A) too when it is
 cheaper to keep than to recompute: _decays), fewer than the loop's autograd keeps, so memory grows
 linearly in l and stays below the loop's (tests/test_selective_scan_memory.py checks both). Without
 gradients no states are kept. They are held as one slab per step rather than one big tensor, which the
-allocator reuses from call to call instead of mapping and zeroing fresh pages (`python bench/bench_scan.py`;
-figures in docs/performance.md).
+allocator reuses from call to call instead of mapping and zeroing fresh pages.
 """
 import math
 
@@ -176,12 +173,10 @@ def _chunk_len(l, slab, on_gpu):
     the arithmetic dominates and chunks would only add level one's passes: a single chunk. Below, enough
     chunks that a step works on ~2^18 elements (1 MiB, in a core's L2 cache), at most sqrt(l) of them to
     keep the chain small (the threshold: `python bench/bench_scan.py`; figures in docs/performance.md).
-    On a GPU, kernel launches and memory passes share the cost: a step of a chunk launches about
-    16 kernels forward plus backward, whatever its size, while the log-depth chain passes over
-    memory about 11 log2(nc) / T times the full (b, d, n, l) size. So short chunks win on small
-    problems and long ones on large: timed over T = 4, 8, 16 (fwd+bwd), the best T follows
-    sqrt(b d n l) / 1024, used here within those 4..16 (the GPU scan's times:
-    `python bench/bench_scan.py --device cuda`; the figures are in docs/performance.md).
+    On a GPU a step of a chunk launches about 16 kernels forward plus backward, whatever its size, and
+    the chain passes over memory about 11 log2(nc) / T times the (b, d, n, l) size: short chunks win on
+    small problems, long ones on large. Timed over T = 4, 8, 16, the best T follows sqrt(b d n l) / 1024,
+    used within 4..16 (`python bench/bench_scan.py --device cuda`; figures in docs/performance.md).
     """
     if on_gpu:
         return min(l, max(4, min(16, round(math.sqrt(slab * l) / 1024))))
@@ -252,13 +247,12 @@ def _sum_d(S, v, out, selective):
 def _chain(local, decay, carry, reverse=False):
     """Level two of the scan: what enters chunk c+1 = decay_c * (what entered chunk c) + local_c.
 
-    local, decay: (b, nc, n, d), local being each chunk's result from a zero start (both are
-    overwritten); carry: (b, n, d) entering the first chunk visited, or None for zeros; reverse:
-    visit the chunks last to first (the adjoint runs backwards in time). Returns what enters every
-    chunk, (b, nc, n, d). A Hillis-Steele scan over the chunk axis: in round k every chunk takes in
-    the partial result of the chunk k before it, so log2(nc) rounds of whole-tensor operations
-    replace a loop of nc small ones (on a GPU each operation costs a launch). The decays multiplied
-    together are products of exp(Δ A) <= 1, as in the sequential loop: nothing can overflow.
+    local, decay: (b, nc, n, d), local being each chunk's result from a zero start (both overwritten);
+    carry: (b, n, d) entering the first chunk visited, or None for zeros; reverse: visit the chunks last
+    to first (the adjoint runs backwards in time). Returns what enters every chunk, (b, nc, n, d).
+    A Hillis-Steele scan over the chunk axis: in round k every chunk takes in the partial result of the
+    chunk k before it, so log2(nc) whole-tensor rounds replace a loop of nc small ones (on a GPU each
+    operation costs a launch). The decays multiplied are products of exp(Δ A) <= 1: nothing overflows.
     """
     nc = local.shape[1]
     if reverse:
@@ -281,10 +275,8 @@ def _chain(local, decay, carry, reverse=False):
 
 
 def _log2_rate(A):
-    """A (d, n) -> (n, d) times log2(e), so that exp(Δ A) = exp2(Δ A log2(e)). PyTorch's exp2 runs
-    faster than its exp on CPU (the scan's time: `python bench/bench_scan.py`; figures in
-    docs/performance.md), and the rescaled exponent costs one more rounding, of the size the
-    product Δ A already has."""
+    """A (d, n) -> (n, d) times log2(e), so that exp(Δ A) = exp2(Δ A log2(e)): PyTorch's exp2 ran faster
+    than its exp on the CPU of docs/performance.md's scan tables, for one more rounding, the size Δ A has."""
     return (rearrange(A, "d n -> n d") * math.log2(math.e)).contiguous()
 
 
@@ -294,13 +286,10 @@ KEPT_DECAYS_BYTES = 2 ** 23  # on CPU exp(Δ A) of every step is kept when it al
 def _decays(step, A2, several_chunks):
     """exp(Δ_t A) = exp2(step_t A2) for every step t, (b nc, n, d) each; step (T, b nc, 1, d).
 
-    With several chunks, two forward passes and backward read each one. On CPU, when all of them fit
-    in a cache (KEPT_DECAYS_BYTES), they are computed once and kept, as one slab per step rather than
-    one (T, ...) tensor, so the allocator reuses freed slabs. Larger, or with a single chunk (read once
-    per pass), they would be written to memory and read back from it: recomputing each into one
-    scratch slab, which stays in cache, is faster then (`python bench/bench_scan.py`; figures in
-    docs/performance.md), and the full-size copy's memory is saved. On a GPU, where recomputing costs
-    kernel launches rather than memory traffic, several chunks always keep them.
+    With several chunks two forward passes and backward read each one: kept (a slab per step, which the
+    allocator reuses) on a GPU, or on CPU when all fit in a cache (KEPT_DECAYS_BYTES). Otherwise each is
+    recomputed into one scratch slab, in cache, faster than writing them all to memory and reading them
+    back, and without the full-size copy (`python bench/bench_scan.py`; figures in docs/performance.md).
     """
     fits = step.numel() * A2.shape[0] * step.element_size() <= KEPT_DECAYS_BYTES
     if several_chunks and (fits or step.device.type != "cpu"):
@@ -365,8 +354,7 @@ class _SelectiveScan(torch.autograd.Function):
                 H.append(h)
         ctx.save_for_backward(u, dt, scale, A, Bs, Cs, starts, *H, *(dA if isinstance(dA, list) else []))
         ctx.b, ctx.selective = b, (sel_B, sel_C)
-        last = h.view(b, nc, n, d)[:, -1]
-        return _from_chunks(y[:, :, 0], b, l), rearrange(last, "b n d -> b d n").contiguous()
+        return _from_chunks(y[:, :, 0], b, l), rearrange(h.view(b, nc, n, d)[:, -1], "b n d -> b d n").contiguous()
 
     @staticmethod
     def backward(ctx, gy, glast):
@@ -397,8 +385,7 @@ class _SelectiveScan(torch.autograd.Function):
         g_step, g_x = torch.empty_like(u), torch.empty_like(u)   # dL/d(decay step), dL/d(Δ_t u_t)
         g_B, g_C = ((u.new_empty(T, bnc, 1, n) if sel else u.new_empty(T, 1, n, d)) for sel in (sel_B, sel_C))
         g_A = torch.zeros_like(starts)
-        # (n, d) made contiguous: w.mul_ by a strided view of A runs much slower (bench/bench_scan.py)
-        At = rearrange(A, "d n -> n d").contiguous()
+        At = rearrange(A, "d n -> n d").contiguous()   # w.mul_ by a strided view of A runs much slower
         ones = u.new_ones(bnc, 1, n)                # Σ_n as a batched product: faster than torch.sum over n
         g_steps, g_xs, g_Bs, g_Cs = (M.unbind(0) for M in (g_step, g_x, g_B, g_C))
         for t in reversed(range(T)):
