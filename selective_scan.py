@@ -283,30 +283,30 @@ def _log2_rate(A):
 KEPT_DECAYS_BYTES = 2 ** 23  # on CPU exp(Δ A) of every step is kept when it all fits in 8 MiB (a cache)
 
 
-def _decays(step, A2, several_chunks):
-    """exp(Δ_t A) = exp2(step_t A2) for every step t, (b nc, n, d) each; step (T, b nc, 1, d).
+def _decays(steps, A2, several_chunks):
+    """exp(Δ_t A) = exp2(step_t A2) for every step t, (b nc, n, d) each; steps: T slabs (b nc, 1, d).
 
     With several chunks two forward passes and backward read each one: kept (a slab per step, which the
     allocator reuses) on a GPU, or on CPU when all fit in a cache (KEPT_DECAYS_BYTES). Otherwise each is
     recomputed into one scratch slab, in cache, faster than writing them all to memory and reading them
     back, and without the full-size copy (`python bench/bench_scan.py`; figures in docs/performance.md).
     """
-    fits = step.numel() * A2.shape[0] * step.element_size() <= KEPT_DECAYS_BYTES
-    if several_chunks and (fits or step.device.type != "cpu"):
-        return [torch.mul(s, A2).exp2_() for s in step.unbind(0)]
-    return _RecomputedDecays(step, A2)
+    fits = len(steps) * steps[0].numel() * A2.shape[0] * A2.element_size() <= KEPT_DECAYS_BYTES
+    if several_chunks and (fits or A2.device.type != "cpu"):
+        return [torch.mul(s, A2).exp2_() for s in steps]
+    return _RecomputedDecays(steps, A2)
 
 
 class _RecomputedDecays:
     """decays[t] computes exp2(step_t A2) into the same scratch slab at every access: valid until
     the next access, which is all that the single-chunk passes need."""
 
-    def __init__(self, step, A2):
-        self.step, self.A2 = step.unbind(0), A2
-        self.slab = torch.empty(step.shape[1:2] + A2.shape, dtype=A2.dtype, device=A2.device)
+    def __init__(self, steps, A2):
+        self.steps, self.A2 = steps, A2
+        self.slab = torch.empty(steps[0].shape[:1] + A2.shape, dtype=A2.dtype, device=A2.device)
 
     def __getitem__(self, t):
-        return torch.mul(self.step[t], self.A2, out=self.slab).exp2_()
+        return torch.mul(self.steps[t], self.A2, out=self.slab).exp2_()
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -328,7 +328,7 @@ class _SelectiveScan(torch.autograd.Function):
         x = dt * u                                  # Euler's Δ_t u_t
         nc = dt.shape[1] // b
         A2 = _log2_rate(A)
-        dA = _decays(step, A2, nc > 1)
+        dA = _decays(step.unbind(0), A2, nc > 1)
         sel_B, sel_C = B.dim() == 3, C.dim() == 3
         xs, B_cols, C_rows = x.unbind(0), _per_step(Bs, T, sel_B, True), _per_step(Cs, T, sel_C, False)
 
@@ -364,10 +364,10 @@ class _SelectiveScan(torch.autograd.Function):
         T, bnc, _, d = u.shape
         nc, n, l = bnc // b, A.shape[1], gy.shape[-1]
         A2 = _log2_rate(A)
-        H, dA = slabs[:T], (slabs[T:] or _decays(step, A2, nc > 1))
         x = dt * u
         g = _to_chunks(gy, T)[:, :, None]           # (T, b nc, 1, d)
         gs, xs, steps = g.unbind(0), x.unbind(0), step.unbind(0)
+        H, dA = slabs[:T], (slabs[T:] or _decays(steps, A2, nc > 1))
         B_rows, C_cols = _per_step(Bs, T, sel_B, False), _per_step(Cs, T, sel_C, True)
 
         # The adjoint λ_t = dL/dh_t obeys the same recurrence backwards in time,

@@ -75,8 +75,8 @@ def test_decays_recomputed_with_several_chunks(l, layout, monkeypatch):
     monkeypatch.setattr(selective_scan, "KEPT_DECAYS_BYTES", 0)
     monkeypatch.setattr(selective_scan, "_RecomputedDecays", lambda *a: made.append(a) or recomputed(*a))
     fn_matches_truth_and_reference(l, layout, seed=300 + l)
-    # forward and backward, several chunks: step is (T, b nc, 1, d) with b = 2
-    assert made and all(step.shape[1] > 2 for step, _ in made)
+    # forward and backward, several chunks: each step's slab is (b nc, 1, d) with b = 2
+    assert made and all(steps[0].shape[0] > 2 for steps, _ in made)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
