@@ -113,7 +113,7 @@ class MambaMixer(nn.Module):
         # exp(Δ A) < 1 and the state decays instead of blowing up. Kept in float32 even in low-precision models.
         self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state, dtype=torch.float32))
         self.D = nn.Parameter(torch.empty(self.d_inner))
-        self._A_kept = None  # (key, A) for decoding, see _A
+        self._A_kept = None  # (key, A log2(e)) for decoding, see _A_log2e
         self.out_proj = nn.Linear(self.d_inner, config.d_model, bias=config.bias)
         self._init_weights(config)
         # after the initialisation, which then fills them in the order it always did (same values for a seed)
@@ -125,16 +125,21 @@ class MambaMixer(nn.Module):
         return self.dt_proj.bias if self.selective["delta"] else self.dt_bias
 
     def _A(self, dtype):
-        """A = -exp(A_log) (d_inner, n) in dtype. Without autograd (decoding) it is kept between calls, and made
-        again only when A_log has changed (its storage or its version counter, which every in-place update bumps:
-        optimizer steps, load_state_dict): else each token would pay an exp over d_inner x n in every layer. Like
-        autograd's checks, the counter does not see writes through .data; a model made under inference_mode has
-        no counter at all, and gets A made afresh."""
+        """A = -exp(A_log) (d_inner, n) in dtype."""
+        return -torch.exp(to_dtype(self.A_log, dtype))
+
+    def _A_log2e(self, dtype):
+        """A log2(e) (d_inner, n) in dtype, for step's exp(Δ A) = exp2(Δ A log2(e)), faster than exp on the CPU as in
+        the scan (selective_scan._log2_rate). Kept between tokens and made again only when A_log has changed (its
+        storage or its version counter, which every in-place update bumps: optimizer steps, load_state_dict): else
+        each token would pay an exp over d_inner x n in every layer. Like autograd's checks, the counter does not
+        see writes through .data; a model made under inference_mode has no counter at all, and gets it afresh, as
+        does a step under autograd (a kept tensor would carry an old graph)."""
         if torch.is_grad_enabled() or self.A_log.is_inference():
-            return -torch.exp(to_dtype(self.A_log, dtype))
+            return self._A(dtype) * math.log2(math.e)
         key = (self.A_log.data_ptr(), self.A_log._version, dtype)
         if self._A_kept is None or self._A_kept[0] != key:
-            self._A_kept = (key, -torch.exp(to_dtype(self.A_log, dtype)))
+            self._A_kept = (key, self._A(dtype) * math.log2(math.e))
         return self._A_kept[1]
 
     @torch.no_grad()
@@ -239,7 +244,7 @@ class MambaMixer(nn.Module):
         dt, B, C = self.x_proj(u).split(self.split, dim=-1)                   # (b, dt_rank), (b, n), (b, n)
         delta = F.softplus(to_dtype(F.linear(dt, self.dt_proj.weight), f32) + to_dtype(self.dt_proj.bias, f32))
         u, B, C = to_dtype(u, f32), to_dtype(B, f32), to_dtype(C, f32)
-        ssm_state.mul_(torch.exp(delta[..., None] * self._A(f32)))            # exp(Δ A) h       (b, d_inner, n)
+        ssm_state.mul_(torch.exp2(delta[..., None] * self._A_log2e(f32)))     # exp(Δ A) h       (b, d_inner, n)
         ssm_state.baddbmm_((delta * u)[..., None], B[:, None, :])            # + (Δ u) B^T, an outer product
         y = torch.addcmul(torch.bmm(ssm_state, C[..., None])[..., 0], u, to_dtype(self.D, f32))    # C h + D u
         if z is not None:

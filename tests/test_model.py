@@ -111,7 +111,7 @@ def test_the_written_out_step_is_step_reference(overrides):
 
 
 def test_decoding_follows_every_in_place_change_of_A_log():
-    """A = -exp(A_log) is kept between decoding steps (MambaMixer._A): an optimizer step, load_state_dict and a
+    """A log2(e) is kept between decoding steps (MambaMixer._A_log2e): an optimizer step, load_state_dict and a
     move to another dtype must each reach the next step, which must then equal a forward of the changed model."""
     model, ids = small_model(), random_ids(2, 6)
 
