@@ -169,10 +169,10 @@ def selective_state_update(state, u, delta, A, B, C, D=None, z=None, delta_bias=
 def _chunk_len(l, slab, on_gpu):
     """Steps per chunk T, given slab = b*n*d elements per chunk and step.
 
-    On CPU each of a step's operations costs a fixed overhead plus its arithmetic; from 2^15 elements
-    the arithmetic dominates and chunks would only add level one's passes: a single chunk. Below, enough
-    chunks that a step works on ~2^18 elements (1 MiB, in a core's L2 cache), at most sqrt(l) of them to
-    keep the chain small (the threshold: `python bench/bench_scan.py`; figures in docs/performance.md).
+    On CPU each of a step's operations costs a fixed overhead plus its arithmetic: enough chunks that a
+    step works on ~2^18 elements (1 MiB), at most sqrt(l) of them to keep the chain small. Above 2^17
+    elements a step that leaves one chunk, and level one is skipped (`python bench/bench_scan.py`; figures,
+    and a CPU that preferred one chunk from 2^15, in docs/performance.md).
     On a GPU a step of a chunk launches about 16 kernels forward plus backward, whatever its size, and
     the chain passes over memory about 11 log2(nc) / T times the (b, d, n, l) size: short chunks win on
     small problems, long ones on large. Timed over T = 4, 8, 16, the best T follows sqrt(b d n l) / 1024,
@@ -180,8 +180,6 @@ def _chunk_len(l, slab, on_gpu):
     """
     if on_gpu:
         return min(l, max(4, min(16, round(math.sqrt(slab * l) / 1024))))
-    if slab >= 2 ** 15:
-        return l
     nc = max(1, min(2 ** 18 // slab, math.isqrt(l)))
     return -(-l // nc)
 

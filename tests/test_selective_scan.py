@@ -33,7 +33,7 @@ def test_forward_options_matches_truth(D, z, bias, softplus):
     check_against_truth(kw, 1e-5)
 
 
-@pytest.mark.parametrize("b,d,n,l", [(1, 1024, 256, 3),    # b*d*n >= 2^15: a single chunk, the plain loop
+@pytest.mark.parametrize("b,d,n,l", [(1, 1024, 256, 3),    # b*d*n = 2^18: a single chunk, the plain loop
                                      (1, 128, 128, 64),    # b*d*n = 2^14: 8 chunks (at most sqrt(l))
                                      (1, 64, 256, 300),    # b*d*n = 2^14: 16 chunks of 19 with padding
                                      (3, 5, 7, 50)])       # odd sizes, 7 chunks of 8 with padding
