@@ -297,7 +297,7 @@ def _decays(steps, A2, several_chunks):
 
 class _RecomputedDecays:
     """decays[t] computes exp2(step_t A2) into the same scratch slab at every access: valid until
-    the next access, which is all that the single-chunk passes need."""
+    the next access, which is all that a pass needs (it reads each step's decay once, in order)."""
 
     def __init__(self, steps, A2):
         self.steps, self.A2 = steps, A2
