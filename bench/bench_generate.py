@@ -33,7 +33,8 @@ Prefill of one --prefill-len prompt (default 1024), median of --repeats after a 
     transformer  TransformerLM.prefill: causal forwards of 2048 tokens at a time into the KV cache.
 
 Ratios printed after the table: ours at the largest context over ours at the smallest (flat is constant-time
-decoding), Transformer over ours and hf over ours (how many times faster ours is per token).
+decoding), Transformer over ours and hf over ours (how many times faster ours is per token) at the largest
+context, then hf over ours in median and at its lowest over the contexts.
 transformer_config and MambapyLM below are bench_train.py's baselines too.
 """
 import argparse
@@ -267,11 +268,13 @@ def ratios(rows, decoders):
         out[f"ours@{hi['context']} / ours@{lo['context']} (constant time per token: target <= 1.15)"] = \
             ratio(hi["ours"], lo["ours"])
     for other, note in (("transformer", "target >= 3 on CPU"), ("full", "cost of not caching"),
-                        ("hf", "target >= 2.5 at every context")):
+                        ("hf", "target >= 2.5 at every context, see the lowest below")):
         if {"ours", other} <= set(decoders):
             out[f"{other}@{hi['context']} / ours@{hi['context']} ({note})"] = ratio(hi[other], hi["ours"])
     if {"ours", "hf"} <= set(decoders) and len(rows) > 1:
-        out["hf / ours, median over contexts"] = statistics.median(ratio(r["hf"], r["ours"]) for r in rows)
+        each = [ratio(r["hf"], r["ours"]) for r in rows]
+        out["hf / ours, median over contexts"] = statistics.median(each)
+        out["hf / ours, lowest over contexts (the target's figure: >= 2.5)"] = min(each)
     return out
 
 
