@@ -134,8 +134,9 @@ class MambaMixer(nn.Module):
         storage or its version counter, which every in-place update bumps: optimizer steps, load_state_dict): else
         each token would pay an exp over d_inner x n in every layer. Like autograd's checks, the counter does not
         see writes through .data; a model made under inference_mode has no counter at all, and gets it afresh, as
-        does a step under autograd (a kept tensor would carry an old graph)."""
-        if torch.is_grad_enabled() or self.A_log.is_inference():
+        does a step under autograd (a kept tensor would carry an old graph). Under torch.compile (MambaLM.compile_step)
+        it is computed in the graph, where the exp fuses with the operations around it."""
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or self.A_log.is_inference():
             return self._A(dtype) * math.log2(math.e)
         key = (self.A_log.data_ptr(), self.A_log._version, dtype)
         if self._A_kept is None or self._A_kept[0] != key:
@@ -328,6 +329,7 @@ class MambaLM(Generation, nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
+        self._compiled_step = None  # see compile_step
 
     def forward(self, input_ids, cache=None, attention_mask=None):
         """input_ids (b, l) int64 -> logits (b, l, padded_vocab_size); with a cache (allocate_cache), continues from
@@ -399,4 +401,17 @@ class MambaLM(Generation, nn.Module):
     @torch.inference_mode()
     def step(self, token_ids, cache):
         """token_ids (b,) -> logits (b, padded_vocab_size) of the next token; updates the cache in place."""
+        return (self._compiled_step or self._step)(token_ids, cache)
+
+    def _step(self, token_ids, cache):
         return self.lm_head(self.backbone.step(token_ids, cache))
+
+    def compile_step(self):
+        """Makes step() run through torch.compile from now on, and returns the model. Eager, a token costs the
+        dispatch of a few dozen small operations per layer more than their arithmetic; compiled, the elementwise
+        ones fuse into a few kernels around the matrix products (the speed-up: docs/performance.md). The cache has
+        the same shapes at every token, so one graph per batch size serves a whole generation, compiled during its
+        first step (seconds; on a CPU torch.compile needs a C++ compiler). fullgraph: a graph break is an error,
+        not a silent return to eager speed."""
+        self._compiled_step = torch.compile(self._step, dynamic=False, fullgraph=True)
+        return self

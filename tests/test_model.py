@@ -138,6 +138,33 @@ def test_decoding_follows_every_in_place_change_of_A_log():
     step_equals_forward()
 
 
+@pytest.mark.parametrize("layer", ["mamba1", "mamba2"])
+def test_the_compiled_step_decodes_as_the_eager_one(layer):
+    """compile_step: the compiled graph gives the eager step's logits and leaves the same cache, token after token
+    after a left-padded prefill, and it follows new weights (parameters are inputs of the graph, not constants)."""
+    from torch._dynamo.utils import counters  # how many graphs torch.compile has made in this process
+    graphs = counters["stats"]["unique_graphs"]
+    eager, compiled = small_model(layer=layer), small_model(layer=layer).compile_step()
+    ids, mask = random_ids(2, 12), torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    caches = [model.allocate_cache(2) for model in (eager, compiled)]
+    for model, cache in zip((eager, compiled), caches):
+        model.prefill(ids[:, :5], cache, mask)
+
+    def same_steps(tokens):
+        for token in tokens.unbind(1):
+            torch.testing.assert_close(compiled.step(token, caches[1]), eager.step(token, caches[0]),
+                                       rtol=1e-5, atol=1e-5)
+        for ours, theirs in zip(*caches):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    same_steps(ids[:, 5:9])
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # the steps went through one compiled graph
+    changed = small_model(seed=1, layer=layer).state_dict()
+    eager.load_state_dict(changed)
+    compiled.load_state_dict(changed)
+    same_steps(ids[:, 9:])
+
+
 def test_a_long_prompt_is_read_in_chunks_of_bounded_size(monkeypatch):
     """prefill cuts the prompt into PREFILL_CHUNK-token pieces (made 16 here): the same logits as one pass."""
     import model as model_module
