@@ -19,9 +19,13 @@ tokens appears once it is whole), several when they are done. The same seed give
 --save-state writes that memory, the tokens so far and the sampler's generator to a file (it loads
 with weights_only=True); --resume-state continues from it exactly as if the run had never stopped.
 
+--compile decodes through torch.compile (``model.compile_step``): after a compile of some seconds, reported
+before the text, each token costs a fraction of the eager step (figures in docs/performance.md).
+
 Exit status: 0 done; 2 bad input (missing or unreadable checkpoint, pretrained directory or state file, a
 state written by another model, empty prompt, a character the char tokenizer does not know, an impossible
-sampling setting), reported in one line on stderr.
+sampling setting, --compile for the Transformer baseline); 1 --compile failed (on a CPU torch.compile needs
+a C++ compiler); each reported in one line on stderr.
 """
 import argparse
 import sys
@@ -59,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="continue the generation that --save-state wrote to FILE (no prompts then)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                         help="auto: CUDA, else Apple's MPS, else the CPU")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode through torch.compile (MambaLM.compile_step): faster per token, after a compile "
+                             "of some seconds before the first one (on a CPU it needs a C++ compiler)")
     return parser.parse_args(argv)
 
 
@@ -74,6 +81,23 @@ def check_args(args) -> None:
             die(f"{flag} must be >= 1, got {value}")
     if args.resume_state and (args.prompt or args.prompt_file or args.num_samples != 1):
         die("--resume-state continues the rows it holds: give no --prompt, --prompt-file or --num-samples")
+
+
+def compile_step(model, batch_size, device) -> None:
+    """model.compile_step(), then one step of batch_size tokens on a scratch cache, so that the compile happens
+    here, timed and reported, rather than inside the first sampled token; one line and status 1 if it fails."""
+    if not hasattr(model, "compile_step"):
+        die("--compile compiles a Mamba's recurrent step; this checkpoint is the Transformer baseline, whose "
+            "cache grows with the text: run without --compile")
+    started = time.perf_counter()
+    try:
+        model.compile_step().step(torch.zeros(batch_size, dtype=torch.long, device=device),
+                                  model.allocate_cache(batch_size, device=device))
+    except Exception as e:  # a missing C++ compiler, an unsupported device: whatever torch.compile raised
+        first = (str(e).strip().splitlines() or [""])[0]
+        die(f"--compile: torch.compile could not compile the step ({type(e).__name__}: {first}); "
+            "run without --compile", status=1)
+    print(f"compiled the decoding step in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
 def encode_prompts(args, tokenizer, device):
@@ -105,6 +129,9 @@ def main(argv=None) -> None:
     else:
         texts, tokens, mask = encode_prompts(args, tokenizer, device)
         cache, inputs = model.allocate_cache(tokens.shape[0], device=device), tokens
+
+    if args.compile:
+        compile_step(model, tokens.shape[0], device)
 
     sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character gets '?', not a crash
     started, new = time.perf_counter(), []

@@ -47,10 +47,10 @@ def char_ckpt(tmp_path_factory):
     return trained(tmp_path_factory.mktemp("char"), "char", 2)
 
 
-def run(*args):
+def run(*args, env=ENV):
     """generate.py on the CPU (what this process computes on, so sampled tokens can be compared)."""
     command = [sys.executable, str(ROOT / "generate.py"), "--device", "cpu", *map(str, args)]
-    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, encoding="utf-8", timeout=120)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", timeout=120)
 
 
 def test_same_seed_streams_the_same_text_as_model_generate(ckpt):
@@ -134,9 +134,29 @@ def test_several_samples_and_a_prompt_file(ckpt, tmp_path):
     assert "sampled 60 tokens" in result.stderr
 
 
+def test_compile_samples_the_eager_text(ckpt):
+    """--compile (MambaLM.compile_step): the same text as the eager step, two prompts of different lengths in one
+    left-padded batch; the compile is reported before sampling starts."""
+    args = ("--ckpt", ckpt, "--prompt", "the cat", "--prompt", "le", "--max-new-tokens", 40, "--seed", 3)
+    eager, compiled = run(*args), run(*args, "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout and compiled.stdout.count(generate.SEPARATOR) == 1
+    assert "compiled the decoding step in" in compiled.stderr and "compiled" not in eager.stderr
+
+
+def test_a_compile_that_fails_is_one_line_and_exit_1(ckpt, tmp_path):
+    """No C++ compiler (CXX names none; a fresh kernel cache, so that nothing compiled earlier is reused)."""
+    env = {**ENV, "CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    result = run("--ckpt", ckpt, "--max-new-tokens", 5, "--compile", env=env)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: --compile: torch.compile could not compile the step") \
+        and result.stderr.count("\n") == 1, result.stderr
+
+
 @pytest.mark.parametrize("case", ["missing", "corrupt", "empty prompt", "unknown char", "bad temperature",
-                                  "bad top-k", "bad top-p", "no prompt file", "no tokens", "no gpu"])
-def test_bad_input_is_one_line_and_exit_2(case, ckpt, char_ckpt, tmp_path):
+                                  "bad top-k", "bad top-p", "no prompt file", "no tokens", "no gpu",
+                                  "compile a transformer"])
+def test_bad_input_is_one_line_and_exit_2(case, ckpt, char_ckpt, transformer_ckpt, tmp_path):
     (tmp_path / "corrupt.pt").write_bytes(b"\x00not a checkpoint")
     args, words = {
         "missing": (["--ckpt", tmp_path / "nope.pt"], "no such checkpoint file"),
@@ -150,6 +170,8 @@ def test_bad_input_is_one_line_and_exit_2(case, ckpt, char_ckpt, tmp_path):
                            f"--prompt-file {tmp_path / 'none.txt'}: cannot read it as UTF-8 text"),
         "no tokens": (["--ckpt", ckpt, "--max-new-tokens", 0], "--max-new-tokens must be >= 1, got 0"),
         "no gpu": (["--ckpt", ckpt, "--device", "cuda"], "--device cuda, but torch sees no CUDA device"),
+        "compile a transformer": (["--ckpt", transformer_ckpt, "--compile"],
+                                  "--compile compiles a Mamba's recurrent step; this checkpoint is the Transformer"),
     }[case]
     if case == "no gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
