@@ -13,6 +13,8 @@ all the same size (d_model 256, 4 layers, vocabulary 256 by default), batch 1, r
 torch.inference_mode:
     ours         MambaLM.prefill fills the recurrent cache (fast scan), then MambaLM.step per token:
                  constant work per token (a (b, d_inner, d_state) state and a d_conv window per layer).
+    compiled     the same model and weights after MambaLM.compile_step(): each step through one torch.compile
+                 graph, compiled before the table (its time is printed) for the batch size timed.
     full         no cache: the whole forward over the growing context, every step (--full-steps only: slow).
     transformer  the Transformer baseline (transformer.py: RoPE, SwiGLU, RMSNorm, attention through
                  F.scaled_dot_product_attention, tied embedding) at our parameter count (transformer_config:
@@ -34,10 +36,12 @@ Prefill of one --prefill-len prompt (default 1024), median of --repeats after a 
 
 Ratios printed after the table: ours at the largest context over ours at the smallest (flat is constant-time
 decoding), Transformer over ours and hf over ours (how many times faster ours is per token) at the largest
-context, then hf over ours in median and at its lowest over the contexts.
+context, then hf over ours in median and at its lowest over the contexts; with compiled, ours over compiled in
+median (what compiling the step gains) and hf over compiled at its lowest.
 transformer_config and MambapyLM below are bench_train.py's baselines too.
 """
 import argparse
+import copy
 import inspect
 import json
 import os
@@ -53,10 +57,11 @@ from mamba_config import MambaConfig, param_count  # noqa: E402
 from model import MambaLM  # noqa: E402
 from transformer import TransformerLM  # noqa: E402
 
-DECODERS = ("ours", "full", "transformer", "hf")
+DECODERS = ("ours", "full", "transformer", "hf", "compiled")
 PREFILLERS = ("ours", "hf", "mambapy", "transformer")
 TITLES = {"ours": "ours: recurrent step", "full": "ours: full forward each token",
-          "transformer": "Transformer + KV cache", "hf": "transformers MambaForCausalLM"}
+          "transformer": "Transformer + KV cache", "hf": "transformers MambaForCausalLM",
+          "compiled": "ours: recurrent step, compiled"}
 PREFILL_TITLES = {"ours": "ours: MambaLM.prefill (fast scan)", "hf": "transformers: forward(use_cache=True)",
                   "mambapy": "mambapy: LM step per token",
                   "transformer": "Transformer: causal forward into the KV cache"}
@@ -85,8 +90,10 @@ def build_models(args, names):
     """The models a run needs, on args.device, in eval mode, all seeded alike."""
     models = {}
     torch.manual_seed(0)
-    if {"ours", "full"} & names:
+    if {"ours", "full", "compiled"} & names:
         models["ours"] = MambaLM(MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab))
+    if "compiled" in names:
+        models["compiled"] = copy.deepcopy(models["ours"]).compile_step()
     if "transformer" in names:
         models["transformer"] = TransformerLM(transformer_config(args.d_model, args.n_layer, args.vocab))
     if "hf" in names:
@@ -141,8 +148,8 @@ def hf_forward(model, ids, cache, position):
 def decoder(name, models, args):
     """(start, step) for a method: start(prompt (b, c)) -> (logits (b, v), state);
     step(token (b,), state, position) -> (logits (b, v), state), position being the token's index."""
-    if name == "ours":
-        model = models["ours"]
+    if name in ("ours", "compiled"):
+        model = models[name]
 
         def start(ids):
             cache = model.allocate_cache(ids.shape[0], device=ids.device)
@@ -239,6 +246,15 @@ def per_token_ms(names, models, args, context):
     return out
 
 
+def first_step_s(model, args):
+    """Seconds of a model's first step at batch --batch: for a compiled step, its compile."""
+    t0 = time.perf_counter()
+    model.step(torch.zeros(args.batch, dtype=torch.long, device=args.device),
+               model.allocate_cache(args.batch, device=args.device))
+    sync(args.device)
+    return time.perf_counter() - t0
+
+
 def prefill_s(name, models, args):
     """Median seconds to process one prompt of --prefill-len tokens, after a warm-up on 16."""
     fn = prefill_fn(name, models, args)
@@ -275,6 +291,11 @@ def ratios(rows, decoders):
         each = [ratio(r["hf"], r["ours"]) for r in rows]
         out["hf / ours, median over contexts"] = statistics.median(each)
         out["hf / ours, lowest over contexts (the target's figure: >= 2.5)"] = min(each)
+    if {"ours", "compiled"} <= set(decoders):
+        out["ours / compiled, median over contexts (what compiling the step gains)"] = \
+            statistics.median(ratio(r["ours"], r["compiled"]) for r in rows)
+    if {"hf", "compiled"} <= set(decoders):
+        out["hf / compiled, lowest over contexts"] = min(ratio(r["hf"], r["compiled"]) for r in rows)
     return out
 
 
@@ -364,6 +385,10 @@ def main():
     print("\n".join(header) + "\n")
 
     autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16)
+    if "compiled" in models:
+        with torch.inference_mode(), autocast:
+            seconds = first_step_s(models["compiled"], args)
+        print(f"compiled: the first step, which compiles the graph, took {seconds:.1f} s\n")
     rows = []
     print("| context | " + " | ".join(f"{TITLES[m]} (ms/token)" for m in decoders) + " |")
     print("|---" * (len(decoders) + 1) + "|")
