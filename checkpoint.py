@@ -103,7 +103,7 @@ def save_state(path, config: dict, cache: list, tokens, attention_mask, generato
     model's config, so that it is never continued with another model."""
     save_checkpoint({"format": STATE_FORMAT, "config": config, "tokens": tokens.cpu(),
                      "attention_mask": attention_mask.cpu(), "generator": generator_state,
-                     "cache": [[t.cpu() for t in layer] for layer in cache]}, path)
+                     "cache": [type(layer)(t.cpu() for t in layer) for layer in cache]}, path)
 
 
 def read_state(path, config: dict, device) -> dict:
@@ -113,7 +113,8 @@ def read_state(path, config: dict, device) -> dict:
     for key, value in config.items():
         if theirs.get(key) != value:
             die(f"{path} was written by another model ([model] {key} = {theirs.get(key)} there, {value} here)")
-    state["cache"] = [[t.to(device) for t in layer] for layer in state["cache"]]  # Mamba: (conv, ssm) per layer
+    # per layer as allocate_cache made it: a (conv, ssm) tuple for Mamba, a list for the Transformer's KV cache
+    state["cache"] = [type(layer)(t.to(device) for t in layer) for layer in state["cache"]]
     state["tokens"], state["attention_mask"] = state["tokens"].to(device), state["attention_mask"].to(device)
     return state
 

@@ -90,7 +90,7 @@ def compile_step(model, batch_size, device) -> None:
         die("--compile compiles a Mamba's recurrent step; this checkpoint is the Transformer baseline, whose "
             "cache grows with the text: run without --compile")
     started = time.perf_counter()
-    try:
+    try:  # called under inference_mode, as the sampling is: the tensors are of the kind the graph will see
         model.compile_step().step(torch.zeros(batch_size, dtype=torch.long, device=device),
                                   model.allocate_cache(batch_size, device=device))
     except Exception as e:  # a missing C++ compiler, an unsupported device: whatever torch.compile raised
@@ -120,6 +120,15 @@ def main(argv=None) -> None:
     check_args(args)
     device = pick_device(args.device, "--device")
     model, tokenizer = load_model(args.ckpt, args.pretrained, device)
+    # Every tensor of the sampling made under inference_mode, the cache and prompt included: then each step gets
+    # tensors of one kind, which a compiled step needs (its guards tell inference tensors from others and
+    # would compile a second graph for the other kind).
+    with torch.inference_mode():
+        sample(args, model, tokenizer, device)
+
+
+def sample(args, model, tokenizer, device) -> None:
+    """The prompts (or the saved state) read, the text streamed to stdout, the state saved if asked."""
     generator = torch.Generator(device).manual_seed(args.seed)
     if args.resume_state:  # the memory, tokens and generator a run left: it goes on where it stopped
         state = read_state(args.resume_state, asdict(model.config), device)

@@ -401,7 +401,10 @@ class MambaLM(Generation, nn.Module):
     @torch.inference_mode()
     def step(self, token_ids, cache):
         """token_ids (b,) -> logits (b, padded_vocab_size) of the next token; updates the cache in place."""
-        return (self._compiled_step or self._step)(token_ids, cache)
+        if self._compiled_step is None:
+            return self._step(token_ids, cache)
+        # a fresh (b,) tensor: the graph's guards check strides, and a prompt's column (b, l)[:, -1] has others
+        return self._compiled_step(token_ids.clone(memory_format=torch.contiguous_format), cache)
 
     def _step(self, token_ids, cache):
         return self.lm_head(self.backbone.step(token_ids, cache))

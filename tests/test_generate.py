@@ -134,14 +134,21 @@ def test_several_samples_and_a_prompt_file(ckpt, tmp_path):
     assert "sampled 60 tokens" in result.stderr
 
 
-def test_compile_samples_the_eager_text(ckpt):
+def test_compile_samples_the_eager_text_from_one_graph(ckpt, tmp_path):
     """--compile (MambaLM.compile_step): the same text as the eager step, two prompts of different lengths in one
-    left-padded batch; the compile is reported before sampling starts."""
+    left-padded batch, then continued from the saved state; the compile is reported before sampling starts, and
+    neither the sampling nor the resumed state's first step (a prompt's column) makes torch.compile recompile."""
+    watch = {**ENV, "TORCH_LOGS": "recompiles"}   # torch.compile then logs every recompile to stderr
     args = ("--ckpt", ckpt, "--prompt", "the cat", "--prompt", "le", "--max-new-tokens", 40, "--seed", 3)
-    eager, compiled = run(*args), run(*args, "--compile")
+    eager = run(*args, "--save-state", tmp_path / "eager.pt")
+    compiled = run(*args, "--save-state", tmp_path / "compiled.pt", "--compile", env=watch)
     assert compiled.returncode == 0, compiled.stderr
     assert compiled.stdout == eager.stdout and compiled.stdout.count(generate.SEPARATOR) == 1
-    assert "compiled the decoding step in" in compiled.stderr and "compiled" not in eager.stderr
+    assert "compiled the decoding step in" in compiled.stderr and "compiled the" not in eager.stderr
+    resumed = [run("--ckpt", ckpt, "--resume-state", tmp_path / f"{kind}.pt", "--max-new-tokens", 20, *flags, env=watch)
+               for kind, flags in (("eager", ()), ("compiled", ("--compile",)))]
+    assert resumed[1].returncode == 0 and resumed[1].stdout == resumed[0].stdout, resumed[1].stderr
+    assert "Recompiling" not in compiled.stderr + resumed[1].stderr
 
 
 def test_a_compile_that_fails_is_one_line_and_exit_1(ckpt, tmp_path):
