@@ -4,21 +4,26 @@
     python bench/bench_scan.py --sizes 1x1536 --lengths 256,1024,4096,16384 --modes fwd,fwdbwd \
         --png assets/scan_scaling.png
     python bench/bench_scan.py --device cuda
+    python bench/bench_scan.py --methods fast,fast@1,fast@4 --sizes 8x512 --lengths 256,4096
 
 Every (method, shape) runs in a fresh subprocess, so its peak memory is its own: on CPU the
 growth of the resident set (VmHWM, reset before the run) over what the inputs already took; on
 CUDA torch.cuda.max_memory_allocated minus the inputs. Times are medians over --repeats runs
 after one warm-up run, which is the
-one whose peak memory is reported. The three methods compute the same thing, float32, n = 16:
+one whose peak memory is reported. The methods compute the same thing, float32, n = 16:
     fast   selective_scan_fn (this repo's two-level chunked scan, custom backward)
     loop   selective_scan_ref (the sequential loop, autograd through it)
     pscan  mambapy's Blelloch scan, after discretising as mambapy does: exp(Δ A) and Δ B u
            materialised as (b, l, d, n) tensors (mambapy is a benchmark-only dependency)
+    fast@K selective_scan_fn with the length cut into K chunks of ceil(l / K) steps instead of by
+           _chunk_len's rule (fewer when the last would be empty), to check the rule on a machine:
+           `--methods fast,fast@1,fast@4` times the rule beside one and four chunks
 Configurations whose estimated memory exceeds --max-gb are skipped and marked so.
 """
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -27,6 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import selective_scan  # noqa: E402
 from selective_scan import selective_scan_fn, selective_scan_ref  # noqa: E402
 
 METHODS = ("fast", "loop", "pscan")
@@ -57,6 +63,20 @@ def run_pscan(u, delta, A, B, C):
 RUN = {"fast": selective_scan_fn, "loop": selective_scan_ref, "pscan": run_pscan}
 
 
+def force_chunks(chunks):
+    """From now on, in this process, selective_scan_fn cuts the length into `chunks` chunks of ceil(l / chunks)
+    steps instead of choosing by _chunk_len's rule (for the fast@K and ours@K entries of the benchmarks)."""
+    selective_scan._chunk_len = lambda l, slab, on_gpu: -(-l // chunks)
+
+
+def method_fn(method):
+    """The function a --methods entry times (fast@K: selective_scan_fn in K chunks, in this subprocess only)."""
+    if method.startswith("fast@"):
+        force_chunks(int(method[len("fast@"):]))
+        return selective_scan_fn
+    return RUN[method]
+
+
 def rss_bytes(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
@@ -80,7 +100,7 @@ def first_run_peak(run, device):
 def measure_one(method, b, d, l, n, mode, repeats, device):
     """Runs in the subprocess: median seconds and peak extra bytes of one configuration."""
     inputs = make_inputs(b, d, l, n, device)
-    fn = RUN[method]
+    fn = method_fn(method)
 
     def once():
         if mode == "fwd":
@@ -108,7 +128,7 @@ def run_grid(args):
             for mode in args.modes.split(","):
                 row = {"b": b, "d": d, "l": l, "mode": mode}
                 for method in args.methods.split(","):
-                    est_gb = COPIES[method] * b * d * args.n * l * 4 / 2**30
+                    est_gb = COPIES[method.split("@")[0]] * b * d * args.n * l * 4 / 2**30
                     if est_gb > args.max_gb:
                         row[method] = None
                         continue
@@ -172,6 +192,9 @@ def main():
         print(json.dumps(measure_one(method, int(b), int(d), int(l), args.n, mode, args.repeats, args.device)))
         return
     methods = args.methods.split(",")
+    bad = [m for m in methods if m not in METHODS and not re.fullmatch(r"fast@[1-9][0-9]*", m)]
+    if bad:
+        sys.exit(f"error: unknown --methods {','.join(bad)}: use {', '.join(METHODS)} or fast@K (K chunks, K >= 1)")
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"selective scan, float32, n={args.n}, {name}, torch {torch.__version__}, median of {args.repeats}\n")
     columns = " | ".join(f"{m} time / peak" for m in methods)

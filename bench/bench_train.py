@@ -5,6 +5,7 @@ Transformer baseline, all of the same size.
     python bench/bench_train.py --models ours,mamba2,transformer    # the three models this repository trains
     python bench/bench_train.py --device cuda                       # bf16 autocast, the scan in float32
     python bench/bench_train.py --steps 3 --warmup 1                # a smoke check
+    python bench/bench_train.py --models ours,ours@1,transformer    # ours beside its scan in one chunk
 
 One training step = forward, cross-entropy over every position, backward, AdamW step (lr 3e-4, weight decay 0.1
 on every parameter, PyTorch's default foreach implementation for every model), on one fixed batch of random
@@ -20,6 +21,8 @@ torch.cuda.max_memory_allocated above what model, optimizer and batch held befor
                  our size (bench_generate.MambapyLM).
     transformer  the Transformer baseline (transformer.py) in bench_generate.transformer_config's shape, the depth
                  bringing its parameter count closest to ours (--tf-layers overrides); the counts are printed.
+    ours@K       ours with its scan's length cut into K chunks instead of by the rule of selective_scan._chunk_len
+                 (`--models ours,ours@1,transformer` checks the rule on a CPU: bench_scan.py's fast@K, in training).
 
 Model FLOPs per token of a training step (the PaLM paper's "model FLOPs": a multiply-add is 2 FLOPs, backward
 costs twice the forward, recomputation is not counted, norms and activations are left out):
@@ -46,6 +49,7 @@ bfloat16 under bf16 autocast.
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -58,8 +62,9 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 from bench_generate import MambapyLM, sync, transformer_config  # noqa: E402  (the baselines are defined there)
-from bench_scan import first_run_peak  # noqa: E402
+from bench_scan import first_run_peak, force_chunks  # noqa: E402
 
+import selective_scan  # noqa: E402
 from mamba_config import MambaConfig  # noqa: E402
 from pretrained import build_model  # noqa: E402
 
@@ -98,19 +103,26 @@ def configs(args):
 def build(name, args):
     """(model, FLOPs per training token) on args.device, in train mode."""
     torch.manual_seed(0)
-    c = configs(args)[name]
+    c = configs(args)[name.split("@")[0]]
     if name == "mambapy":
         model, flops = MambapyLM(args.d_model, args.n_layer, args.vocab), mamba_flops_per_token(c)
     else:
         model = build_model(c)
         flops = {"ours": lambda: mamba_flops_per_token(c), "mamba2": lambda: mamba2_flops_per_token(c, args.seq),
-                 "transformer": lambda: transformer_flops_per_token(c, args.seq)}[name]()
+                 "transformer": lambda: transformer_flops_per_token(c, args.seq)}[name.split("@")[0]]()
     return model.to(args.device).train(), flops
 
 
 def measure_one(name, args):
     """Runs in the subprocess: median step seconds, peak extra MiB, parameters and FLOPs/token of one model."""
+    if name.startswith("ours@"):
+        force_chunks(int(name[len("ours@"):]))
     model, flops = build(name, args)
+    scan_chunks = None   # how many chunks ours's fast scan cuts a sequence into at this size (selective_scan.py)
+    if name.split("@")[0] == "ours":
+        c = model.config
+        slab = args.batch * c.d_state * c.d_inner
+        scan_chunks = -(-args.seq // selective_scan._chunk_len(args.seq, slab, args.device != "cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g).to(args.device)
@@ -134,7 +146,7 @@ def measure_one(name, args):
         times.append(time.perf_counter() - t0)
     return {"times": times, "mb": peak / 2**20, "flops_per_token": flops,
             "params": sum(p.numel() for p in model.parameters()),
-            "layers": model.config.n_layer if name == "transformer" else args.n_layer}
+            "layers": model.config.n_layer if name == "transformer" else args.n_layer, "scan_chunks": scan_chunks}
 
 
 def matmul_rate(args):
@@ -188,7 +200,7 @@ def main():
                    "CPU, 8192 on CUDA, where a smaller product is too short to time)")
     p.add_argument("--mm-repeats", type=int, default=5)
     p.add_argument("--json", help="write every figure here")
-    p.add_argument("--one", choices=MODELS, help=argparse.SUPPRESS)
+    p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.bf16 = args.precision == "bf16" or (args.precision == "auto" and args.device == "cuda")
     args.warmup = max(args.warmup, 1)
@@ -199,6 +211,10 @@ def main():
         print(json.dumps(measure_one(args.one, args)))
         return
 
+    names = args.models.split(",")
+    bad = [m for m in names if m not in MODELS and not re.fullmatch(r"ours@[1-9][0-9]*", m)]
+    if bad:
+        sys.exit(f"error: unknown --models {','.join(bad)}: use {', '.join(MODELS)} or ours@K (its scan in K chunks)")
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     precision = "bf16 autocast" if args.bf16 else "float32"
     rate = matmul_rate(args)
@@ -208,7 +224,6 @@ def main():
     print(f"matmul rate ({precision.split()[0]} torch.mm {args.mm_size}^3): {rate / 1e9:.1f} GFLOP/s\n")
     print("| model | parameters | step (ms) | tokens/s | MFLOP/token | GFLOP/s | MFU | peak memory |")
     print("|---|---|---|---|---|---|---|---|")
-    names = args.models.split(",")
     rounds = [{name: run_one(name, args) for name in names} for _ in range(max(1, args.rounds))]
     results = {}
     for name in names:  # the first round's memory (each a fresh process: the same), every round's steps
@@ -221,9 +236,13 @@ def main():
               f"{r['flops_per_token'] / 1e6:.1f} | {r['flops_per_token'] * r['tokens_per_s'] / 1e9:.2f} | "
               f"{r['mfu']:.1%} | {r['mb']:.0f} MB |", flush=True)
 
+    chunks = [f"{name} {results[name]['scan_chunks']}" for name in names if results[name]["scan_chunks"]]
+    if chunks:
+        print(f"\nchunks of the fast scan per sequence: {', '.join(chunks)}")
+    pairs = [("ours", "mambapy"), ("ours", "transformer"), ("mamba2", "transformer"), ("mamba2", "ours")]
+    pairs += [(name, other) for name in names if name.startswith("ours@") for other in ("ours", "transformer")]
     ratios = {f"{mine} / {other} tokens/s": results[mine]["tokens_per_s"] / results[other]["tokens_per_s"]
-              for mine, other in (("ours", "mambapy"), ("ours", "transformer"), ("mamba2", "transformer"),
-                                  ("mamba2", "ours")) if {mine, other} <= results.keys()}
+              for mine, other in pairs if {mine, other} <= results.keys()}
     print("\nratios (x = times):")
     for name, value in ratios.items():
         target = {"ours / mambapy tokens/s": " (target >= 4)",

@@ -68,6 +68,36 @@ def test_bench_generate_prints_per_token_and_prefill_tables(tmp_path):
     assert (tmp_path / "g.png").stat().st_size > 0
 
 
+def test_bench_scan_prints_a_row_per_shape_with_forced_chunk_counts():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_scan.py"), "--sizes", "2x32", "--lengths",
+                          "48", "--methods", "fast,loop,fast@1,fast@3", "--repeats", "1"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "| b x d | l | mode | fast time / peak | loop time / peak | fast@1 time / peak | fast@3 time / peak |" \
+        in out.stdout
+    row = r"^\| 2x32 \| 48 \| fwdbwd \|( [0-9.]+ ms / \d+ MB \|){4} [0-9.]+x \|$"   # four timed cells, a ratio
+    assert re.search(row, out.stdout, re.MULTILINE), out.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_scan.py"), "--methods", "fast,fast@0"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "error: unknown --methods fast@0: use fast, loop, pscan or fast@K (K chunks, K >= 1)"]
+
+
+def test_bench_scan_fast_at_k_runs_the_scan_in_k_chunks(monkeypatch):
+    import selective_scan
+    spec = importlib.util.spec_from_file_location("bench_scan", ROOT / "bench" / "bench_scan.py")
+    bench_scan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_scan)
+    monkeypatch.setattr(selective_scan, "_chunk_len", selective_scan._chunk_len)   # restored after the test
+    u, delta, A, B, C = bench_scan.make_inputs(2, 8, 50, 4, "cpu")
+    expected = selective_scan.selective_scan_ref(u, delta, A, B, C)
+    for chunks in (1, 3, 7):
+        fn = bench_scan.method_fn(f"fast@{chunks}")
+        T = selective_scan._chunk_len(50, 2 * 4 * 8, False)
+        assert -(-50 // T) == chunks
+        torch.testing.assert_close(fn(u, delta, A, B, C), expected, atol=1e-5, rtol=1e-4)
+
+
 def test_bench_train_prints_tokens_per_second_and_mfu(tmp_path):
     stdout = run("bench_train.py", "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1",
                  "--mm-size", "256", "--mm-repeats", "2", "--json", str(tmp_path / "t.json"))
@@ -78,6 +108,20 @@ def test_bench_train_prints_tokens_per_second_and_mfu(tmp_path):
         assert 0 < saved["models"][name]["mfu"] < math.inf
     assert saved["models"]["ours"]["params"] == saved["models"]["mambapy"]["params"]   # the same size
     check_ratios(stdout, list(saved["ratios"].values()), 4)
+
+
+def test_bench_train_times_ours_with_its_scan_in_forced_chunks(tmp_path):
+    stdout = run("bench_train.py", "--models", "ours,ours@2", "--batch", "2", "--seq", "32", "--steps", "1",
+                 "--rounds", "1", "--mm-size", "128", "--mm-repeats", "1", "--json", str(tmp_path / "t.json"))
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["models"]["ours@2"]["scan_chunks"] == 2 and saved["models"]["ours"]["scan_chunks"] == 5   # rule
+    assert "chunks of the fast scan per sequence: ours 5, ours@2 2" in stdout
+    assert re.search(r"^\| ours@2 \| [\d,]+ \| [0-9.]+ \|", stdout, re.MULTILINE), stdout
+    check_ratios(stdout, list(saved["ratios"].values()), 1)                               # ours@2 / ours
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--models", "ours,ours@x"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "error: unknown --models ours@x: use ours, mamba2, mambapy, transformer or ours@K (its scan in K chunks)"]
 
 
 def test_cached_decoding_of_the_baselines_matches_their_full_forward():
