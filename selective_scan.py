@@ -172,7 +172,8 @@ def _chunk_len(l, slab, on_gpu):
     On CPU each of a step's operations costs a fixed overhead plus its arithmetic: enough chunks that a
     step works on ~2^18 elements (1 MiB), at most sqrt(l) of them to keep the chain small. Above 2^17
     elements a step that leaves one chunk, and level one is skipped (`python bench/bench_scan.py`; figures,
-    and a CPU that preferred one chunk from 2^15, in docs/performance.md).
+    and Intel CPUs that preferred one chunk from 2^15 or 2^16, in docs/performance.md; `--methods
+    fast,fast@1,fast@4` there times the rule beside one and four chunks on another machine).
     On a GPU a step of a chunk launches about 16 kernels forward plus backward, whatever its size, and
     the chain passes over memory about 11 log2(nc) / T times the (b, d, n, l) size: short chunks win on
     small problems, long ones on large. Timed over T = 4, 8, 16, the best T follows sqrt(b d n l) / 1024,
