@@ -103,13 +103,14 @@ def configs(args):
 def build(name, args):
     """(model, FLOPs per training token) on args.device, in train mode."""
     torch.manual_seed(0)
-    c = configs(args)[name.split("@")[0]]
+    kind = name.split("@")[0]                       # ours@K is ours
+    c = configs(args)[kind]
     if name == "mambapy":
         model, flops = MambapyLM(args.d_model, args.n_layer, args.vocab), mamba_flops_per_token(c)
     else:
         model = build_model(c)
         flops = {"ours": lambda: mamba_flops_per_token(c), "mamba2": lambda: mamba2_flops_per_token(c, args.seq),
-                 "transformer": lambda: transformer_flops_per_token(c, args.seq)}[name.split("@")[0]]()
+                 "transformer": lambda: transformer_flops_per_token(c, args.seq)}[kind]()
     return model.to(args.device).train(), flops
 
 
@@ -119,7 +120,7 @@ def measure_one(name, args):
         force_chunks(int(name[len("ours@"):]))
     model, flops = build(name, args)
     scan_chunks = None   # how many chunks ours's fast scan cuts a sequence into at this size (selective_scan.py)
-    if name.split("@")[0] == "ours":
+    if name == "ours" or name.startswith("ours@"):
         c = model.config
         slab = args.batch * c.d_state * c.d_inner
         scan_chunks = -(-args.seq // selective_scan._chunk_len(args.seq, slab, args.device != "cpu"))
