@@ -69,10 +69,20 @@ def force_chunks(chunks):
     selective_scan._chunk_len = lambda l, slab, on_gpu: -(-l // chunks)
 
 
+def forced_chunks(entry):
+    """K of a benchmark entry fast@K or ours@K (its scan in K chunks), None for an entry without @."""
+    return int(entry.split("@")[1]) if "@" in entry else None
+
+
+def scan_chunks(l, slab, on_gpu):
+    """How many chunks selective_scan_fn cuts a length l into, slab = b n d elements a step (forced or by the rule)."""
+    return -(-l // selective_scan._chunk_len(l, slab, on_gpu))
+
+
 def method_fn(method):
     """The function a --methods entry times (fast@K: selective_scan_fn in K chunks, in this subprocess only)."""
-    if method.startswith("fast@"):
-        force_chunks(int(method[len("fast@"):]))
+    if forced_chunks(method):
+        force_chunks(forced_chunks(method))
         return selective_scan_fn
     return RUN[method]
 

@@ -62,9 +62,8 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 from bench_generate import MambapyLM, sync, transformer_config  # noqa: E402  (the baselines are defined there)
-from bench_scan import first_run_peak, force_chunks  # noqa: E402
+from bench_scan import first_run_peak, force_chunks, forced_chunks, scan_chunks  # noqa: E402
 
-import selective_scan  # noqa: E402
 from mamba_config import MambaConfig  # noqa: E402
 from pretrained import build_model  # noqa: E402
 
@@ -116,14 +115,13 @@ def build(name, args):
 
 def measure_one(name, args):
     """Runs in the subprocess: median step seconds, peak extra MiB, parameters and FLOPs/token of one model."""
-    if name.startswith("ours@"):
-        force_chunks(int(name[len("ours@"):]))
+    if forced_chunks(name):
+        force_chunks(forced_chunks(name))
     model, flops = build(name, args)
-    scan_chunks = None   # how many chunks ours's fast scan cuts a sequence into at this size (selective_scan.py)
-    if name == "ours" or name.startswith("ours@"):
+    chunks = None   # how many chunks ours's fast scan cuts a sequence into at this size (selective_scan.py)
+    if name.split("@")[0] == "ours":
         c = model.config
-        slab = args.batch * c.d_state * c.d_inner
-        scan_chunks = -(-args.seq // selective_scan._chunk_len(args.seq, slab, args.device != "cpu"))
+        chunks = scan_chunks(args.seq, args.batch * c.d_state * c.d_inner, args.device != "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g).to(args.device)
@@ -147,7 +145,7 @@ def measure_one(name, args):
         times.append(time.perf_counter() - t0)
     return {"times": times, "mb": peak / 2**20, "flops_per_token": flops,
             "params": sum(p.numel() for p in model.parameters()),
-            "layers": model.config.n_layer if name == "transformer" else args.n_layer, "scan_chunks": scan_chunks}
+            "layers": model.config.n_layer if name == "transformer" else args.n_layer, "scan_chunks": chunks}
 
 
 def matmul_rate(args):
