@@ -64,8 +64,8 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         """x (..., d) -> (..., d) in the weight's dtype (the dtype the next Linear expects). F.rms_norm is this
         formula in one operation (a decoding step runs nine norms on tensors of d numbers)."""
-        x = to_dtype(x, _compute_dtype(x.dtype))
-        return to_dtype(F.rms_norm(x, (x.shape[-1],), to_dtype(self.weight, x.dtype), self.eps), self.weight.dtype)
+        x, weight = to_dtype(x, _compute_dtype(x.dtype)), self.weight
+        return to_dtype(F.rms_norm(x, (x.shape[-1],), to_dtype(weight, x.dtype), self.eps), weight.dtype)
 
 
 class MambaMixer(nn.Module):
@@ -136,9 +136,10 @@ class MambaMixer(nn.Module):
         see writes through .data; a model made under inference_mode has no counter at all, and gets it afresh, as
         does a step under autograd (a kept tensor would carry an old graph). Under torch.compile (MambaLM.compile_step)
         it is computed in the graph, where the exp fuses with the operations around it."""
-        if torch.compiler.is_compiling() or torch.is_grad_enabled() or self.A_log.is_inference():
+        A_log = self.A_log  # a Parameter: each self.A_log is a Module.__getattr__ call
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or A_log.is_inference():
             return self._A(dtype) * math.log2(math.e)
-        key = (self.A_log.data_ptr(), self.A_log._version, dtype)
+        key = (A_log.data_ptr(), A_log._version, dtype)
         if self._A_kept is None or self._A_kept[0] != key:
             self._A_kept = (key, self._A(dtype) * math.log2(math.e))
         return self._A_kept[1]
@@ -236,13 +237,15 @@ class MambaMixer(nn.Module):
         official block (Δ, B, C selective) in as few operations as the recurrence allows: at this size a token's
         time is the overhead of its few dozen operations per layer more than their arithmetic. The ablations take
         step_reference, the same computation through ssm_params and selective_state_update, which this one is
-        tested against (tests/test_model.py)."""
+        tested against (tests/test_model.py). The Linears and the activation are called as functions, F.linear on
+        their weights: a module call first checks for hooks, microseconds that a token would pay four times a layer
+        (forward hooks, as look_inside.py's, see forward passes, not steps)."""
         if self.x_proj_parts != ["delta", "B", "C"]:
             return self.step_reference(hidden, conv_state, ssm_state)
         f32 = ssm_state.dtype  # the state's precision (float32, float64 in a float64 model) for the recurrence
-        x, z = self._branches(self.in_proj(hidden), -1)                          # (b, d_inner) each
-        u = self.act(causal_conv1d_step(x, self.conv1d, conv_state))          # the window · the filter
-        dt, B, C = self.x_proj(u).split(self.split, dim=-1)                   # (b, dt_rank), (b, n), (b, n)
+        x, z = self._branches(F.linear(hidden, self.in_proj.weight, self.in_proj.bias), -1)     # (b, d_inner) each
+        u = F.silu(causal_conv1d_step(x, self.conv1d, conv_state))            # the window · the filter
+        dt, B, C = F.linear(u, self.x_proj.weight).split(self.split, dim=-1)  # (b, dt_rank), (b, n), (b, n)
         delta = F.softplus(to_dtype(F.linear(dt, self.dt_proj.weight), f32) + to_dtype(self.dt_proj.bias, f32))
         u, B, C = to_dtype(u, f32), to_dtype(B, f32), to_dtype(C, f32)
         ssm_state.mul_(torch.exp2(delta[..., None] * self._A_log2e(f32)))     # exp(Δ A) h       (b, d_inner, n)
@@ -250,7 +253,7 @@ class MambaMixer(nn.Module):
         y = torch.addcmul(torch.bmm(ssm_state, C[..., None])[..., 0], u, to_dtype(self.D, f32))    # C h + D u
         if z is not None:
             y = y * F.silu(to_dtype(z, f32))
-        return self.out_proj(to_dtype(y, x.dtype))
+        return F.linear(to_dtype(y, x.dtype), self.out_proj.weight, self.out_proj.bias)
 
     def step_reference(self, hidden, conv_state, ssm_state):
         """step() for every configuration (ablations included), through the functions forward() uses."""
@@ -282,8 +285,8 @@ class Block(nn.Module):
         return x + self.mixer(self.norm(x), cache, mask)
 
     def step(self, x, conv_state, ssm_state):
-        """x (b, d_model) -> (b, d_model), one token."""
-        return x + self.mixer.step(self.norm(x), conv_state, ssm_state)
+        """x (b, d_model) -> (b, d_model), one token (the norm's forward called directly, as in MambaMixer.step)."""
+        return x + self.mixer.step(self.norm.forward(x), conv_state, ssm_state)
 
 
 class MambaBackbone(nn.Module):
@@ -314,7 +317,7 @@ class MambaBackbone(nn.Module):
         x = self._embed(token_ids)
         for layer, (conv_state, ssm_state) in zip(self.layers, cache):
             x = layer.step(x, conv_state, ssm_state)
-        return self.norm_f(x)
+        return self.norm_f.forward(x)
 
 
 class MambaLM(Generation, nn.Module):
@@ -407,7 +410,7 @@ class MambaLM(Generation, nn.Module):
         return self._compiled_step(token_ids.clone(memory_format=torch.contiguous_format), cache)
 
     def _step(self, token_ids, cache):
-        return self.lm_head(self.backbone.step(token_ids, cache))
+        return F.linear(self.backbone.step(token_ids, cache), self.lm_head.weight)
 
     def compile_step(self):
         """Makes step() run through torch.compile from now on, and returns the model. Eager, a token costs the
