@@ -68,5 +68,5 @@ def causal_conv1d_step(x, conv, window):
     """One step: x (b, c) slides into the window (b, c, k) in place; returns the conv's output for it (b, c)."""
     window.copy_(torch.cat((window[:, :, 1:], x.unsqueeze(-1)), dim=-1))
     y = (window * conv.weight[:, 0, :]).sum(-1)  # the filter (c, 1, k) as (c, k): a plain view, once per token
-    bias = conv.bias
+    bias = conv.bias  # read once: each conv.bias is a Module.__getattr__ call, and this runs every token
     return y if bias is None else y + bias
