@@ -33,7 +33,8 @@ sequence into nc chunks of T steps:
      (Hillis-Steele) scan over the nc chunks;
   3. every chunk is scanned again from its true starting state, emitting y_t.
 On CPU there are chunks only when b*d is small, enough that a step's slab is about 1 MiB (at most
-sqrt(l)); larger b*d gets nc = 1, a plain scan, and level 1 is skipped. On a GPU every operation costs
+sqrt(l)); larger b*d, or b*d*n from 2^16 on a sequence of at most 512 steps, gets nc = 1, a plain scan,
+and level 1 is skipped. On a GPU every operation costs
 a launch whatever its size, so the chunks are short (T = 4 to 16) and the chain few launches (_chunk_len).
 Only multiplications by exp(Δ A) <= 1 appear, as in the sequential loop, so nothing overflows for any
 Δ >= 0 and A < 0 (unlike closed forms that divide by cumulative products or take a cumsum of exp).
@@ -171,9 +172,11 @@ def _chunk_len(l, slab, on_gpu):
 
     On CPU each of a step's operations costs a fixed overhead plus its arithmetic: enough chunks that a
     step works on ~2^18 elements (1 MiB), at most sqrt(l) of them to keep the chain small. Above 2^17
-    elements a step that leaves one chunk, and level one is skipped (`python bench/bench_scan.py`; figures,
-    and Intel CPUs that preferred one chunk from 2^15 or 2^16, in docs/performance.md; `--methods
-    fast,fast@1,fast@4` there times the rule beside one and four chunks on another machine).
+    elements a step that leaves one chunk, and level one is skipped. From 2^16 elements a step on
+    sequences of at most 512 steps (the training lengths) one chunk too: there the scan without level one's
+    passes ran faster on the Intel CPUs measured and level on the AMD one, which preferred chunks at longer l
+    (`python bench/bench_scan.py`; figures in docs/performance.md; `--methods fast,fast@1,fast@4` there
+    times the rule beside one and four chunks on another machine).
     On a GPU a step of a chunk launches about 16 kernels forward plus backward, whatever its size, and
     the chain passes over memory about 11 log2(nc) / T times the (b, d, n, l) size: short chunks win on
     small problems, long ones on large. Timed over T = 4, 8, 16, the best T follows sqrt(b d n l) / 1024,
@@ -181,6 +184,8 @@ def _chunk_len(l, slab, on_gpu):
     """
     if on_gpu:
         return min(l, max(4, min(16, round(math.sqrt(slab * l) / 1024))))
+    if slab >= 2 ** 16 and l <= 512:
+        return l
     nc = max(1, min(2 ** 18 // slab, math.isqrt(l)))
     return -(-l // nc)
 

@@ -56,12 +56,13 @@ def test_gpu_chunk_rule_on_cpu(l, layout, monkeypatch):
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1]], ids=LAYOUT_IDS[:2])
 @pytest.mark.parametrize("l", [1, 100, 1000])
 def test_single_chunk_on_cpu(l, layout, monkeypatch):
-    """From 2^17 elements a step (8 x 16 x 1536, say) the CPU scans in one chunk, level one skipped; these
-    inputs are small, so the rule is checked, then forced."""
+    """From 2^17 elements a step (8 x 16 x 1536, say), and from 2^16 on up to 512 steps, the CPU scans in one
+    chunk, level one skipped; these inputs are small, so the rule is checked, then forced."""
     import selective_scan
     rule = selective_scan._chunk_len
     slabs = (8 * 16 * 1536, 2 ** 17 + 1, 8 * 16 * 512, 2 ** 15)
-    assert [rule(256, slab, False) for slab in slabs] == [256, 256, 64, 32]
+    assert [rule(256, slab, False) for slab in slabs] == [256, 256, 256, 32]
+    assert [rule(l_, 8 * 16 * 512, False) for l_ in (512, 513, 4096)] == [512, 129, 1024]
     monkeypatch.setattr(selective_scan, "_chunk_len", lambda l_, slab, on_gpu: l_)
     fn_matches_truth_and_reference(l, layout, seed=400 + l)
 
