@@ -191,7 +191,8 @@ def _chunk_len(l, slab, on_gpu):
 
 
 def _to_chunks(x, T):
-    """(b, k, l) -> (T, b nc, k), zero-padded to nc*T steps: step t of every chunk is one slab.
+    """(b, k, l) -> (T, b nc, k), zero-padded to nc*T steps: step t of every chunk is one slab. With one chunk
+    a view, no copy: a step's slab (b, k) is then strided over b, which the per-step operations read as fast.
 
     Padded steps have Δ = 0 and u = 0, so exp(Δ A) = 1 and no input: the state passes through
     unchanged and the final state is still h_l. Works through the (b, l, k) view, so that a
@@ -205,7 +206,8 @@ def _to_chunks(x, T):
         x = F.pad(x, (0, 0, 0, nc * T - l))                             # the copy by rows: (b, nc T, k)
     else:  # a (b, k, l) input is transposed first, which runs faster than permuting it straight into chunks;
         x = x.contiguous()  # a time-major view has nothing to pad and nothing to transpose: no copy here
-    return rearrange(x, "b (nc T) k -> T (b nc) k", T=T).contiguous()
+    x = rearrange(x, "b (nc T) k -> T (b nc) k", T=T)
+    return x if nc == 1 else x.contiguous()
 
 
 def _from_chunks(x, b, l):
@@ -386,7 +388,9 @@ class _SelectiveScan(torch.autograd.Function):
             decay = torch.exp2(step.sum(0) * A2)    # 2. chain the chunks, right to left
             ends = _chain(lam.view(b, nc, n, d), decay.view(b, nc, n, d), last, reverse=True).view(bnc, n, d)
         lam, w = ends, torch.empty_like(starts)    # 3. scan each chunk back from its true end
-        g_step, g_x = torch.empty_like(u), torch.empty_like(u)   # dL/d(decay step), dL/d(Δ_t u_t)
+        # dL/d(decay step), dL/d(Δ_t u_t), a contiguous slab per step (u may be a strided view): a batched
+        # product writes into a strided out= through a copy, three times as slow
+        g_step, g_x = u.new_empty(u.shape), u.new_empty(u.shape)
         g_B, g_C = ((u.new_empty(T, bnc, 1, n) if sel else u.new_empty(T, 1, n, d)) for sel in (sel_B, sel_C))
         g_A = torch.zeros_like(starts)
         At = rearrange(A, "d n -> n d").contiguous()   # w.mul_ by a strided view of A runs much slower
