@@ -33,9 +33,9 @@ sequence into nc chunks of T steps:
      (Hillis-Steele) scan over the nc chunks;
   3. every chunk is scanned again from its true starting state, emitting y_t.
 On CPU there are chunks only when b*d is small, enough that a step's slab is about 1 MiB (at most
-sqrt(l)); larger b*d, or b*d*n from 2^16 on a sequence of at most 512 steps, gets nc = 1, a plain scan,
-and level 1 is skipped. On a GPU every operation costs
-a launch whatever its size, so the chunks are short (T = 4 to 16) and the chain few launches (_chunk_len).
+sqrt(l)); larger b*d (b*n*d above 2^17 elements a step, or from 2^16 on a sequence of at most 512 steps)
+gets nc = 1, a plain scan, and level 1 is skipped. On a GPU every operation costs a launch whatever its
+size, so the chunks are short (T = 4 to 16) and the chain few launches (_chunk_len).
 Only multiplications by exp(Δ A) <= 1 appear, as in the sequential loop, so nothing overflows for any
 Δ >= 0 and A < 0 (unlike closed forms that divide by cumulative products or take a cumsum of exp).
 Backward is a custom autograd function, with the same two levels run backwards in time for the
